@@ -1,0 +1,55 @@
+"""Positional I/O on one image file (QEMU's file-posix protocol node).
+
+Only positional calls (`os.pread`/`os.pwrite`), never a shared file position.
+Reads past the end of the file return zeros, as QEMU's protocol layer does for
+the partly written last cluster of a qcow2 image.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class BlockFile:
+    """One opened image file."""
+
+    def __init__(self, path: str, writable: bool) -> None:
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        self.path = path
+        self.writable = writable
+        self.fd = os.open(path, flags)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes; whatever lies past EOF reads as zeros."""
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                return data + bytes(length - len(data))
+            data += more
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def allocated_bytes(self) -> int:
+        """Bytes the file occupies on disk (qemu-img's actual-size)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

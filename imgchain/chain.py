@@ -1,0 +1,179 @@
+"""Opening images and backing chains the way QEMU does.
+
+Backing names are resolved against the directory of the overlay as it was
+named (ref: path_combine), a `proto:` prefix is refused, the backing format
+comes from the header and is probed only when absent, backing nodes are
+opened read-only, and a chain that reaches the same file twice (by device and
+inode) is refused. `Chain` is the synchronous Python API on top
+(`imgchain.open_chain`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from types import TracebackType
+
+from imgchain.formats import UnsupportedFeature, probe_format
+from imgchain.formats.probe import QCOW2_PROBE_SIZE
+
+from .blockfile import BlockFile
+from .errors import BackingError, ImgchainError
+from .node import Child, Node
+from .qcow2 import Qcow2Driver
+from .raw import RawDriver
+
+DRIVERS = {"qcow2": Qcow2Driver, "raw": RawDriver}
+_PROTOCOL = re.compile(r"^([^:/\\]+):")
+
+
+def protocol_of(name: str) -> str | None:
+    """The protocol prefix of a backing name (`nbd:...`), as QEMU parses it."""
+    m = _PROTOCOL.match(name)
+    return m.group(1) if m else None
+
+
+def resolve_backing_name(overlay: str, name: str) -> str:
+    """The path QEMU opens for backing name `name` of image `overlay`."""
+    if os.path.isabs(name) or protocol_of(name):
+        return name
+    return os.path.join(os.path.dirname(overlay), name)
+
+
+def _open_file(path: str, writable: bool) -> BlockFile:
+    try:
+        return BlockFile(path, writable)
+    except OSError as exc:
+        raise ImgchainError(f"Could not open '{path}': {exc.strerror}") from None
+
+
+def open_image(path: str, writable: bool = False, fmt: str | None = None,
+               node_name: str | None = None) -> Node:
+    """Open one image as a node, without its backing."""
+    file = _open_file(path, writable)
+    try:
+        if fmt is None:
+            fmt = probe_format(file.pread(0, QCOW2_PROBE_SIZE))
+        if fmt not in DRIVERS:
+            raise UnsupportedFeature(path, f"image format '{fmt}' is not supported (qcow2, raw)")
+        driver = DRIVERS[fmt](file, path)
+    except BaseException:
+        file.close()
+        raise
+    return Node(node_name or node_name_for(path), path, driver)
+
+
+def node_name_for(path: str) -> str:
+    """The node name of an image: its file name without the last extension."""
+    base = os.path.basename(path)
+    stem = os.path.splitext(base)[0]
+    return stem or base or "node"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None) -> Node:
+    """Open `path` and every backing file below it; returns the active node.
+
+    Only the active node is writable; backing nodes are read-only."""
+    taken: set[str] = set()
+    top = open_image(path, writable, fmt, _unique(node_name_for(path), taken))
+    seen = {_file_id(path)}
+    node = top
+    try:
+        while node.driver.backing_file:
+            below = _open_backing(node, seen, taken)
+            node.backing = Child(parent=node, child=below)
+            node = below
+    except BaseException:
+        close_chain(top)
+        raise
+    return top
+
+
+def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str]) -> Node:
+    name = overlay.driver.backing_file or ""
+    proto = protocol_of(name)
+    if proto and not os.path.isabs(name):
+        raise BackingError(f"Could not open backing file '{name}' of '{overlay.filename}': "
+                           f"Unknown protocol '{proto}' (write './{name}' for a file name)")
+    path = resolve_backing_name(overlay.filename, name)
+    try:
+        ident = _file_id(path)
+    except OSError as exc:
+        raise BackingError(f"Could not open backing file of '{overlay.filename}': "
+                           f"'{path}': {exc.strerror}") from None
+    if ident in seen:
+        raise BackingError(f"Backing file '{name}' creates an infinite loop")
+    seen.add(ident)
+    fmt = overlay.driver.backing_format
+    return open_image(path, False, fmt, _unique(node_name_for(path), taken))
+
+
+def close_chain(top: Node) -> None:
+    """Close every node of a chain."""
+    for node in top.chain():
+        node.close()
+
+
+class Chain:
+    """An opened backing chain, named by its active image (the Python API)."""
+
+    def __init__(self, path: str, writable: bool = False) -> None:
+        self.active = open_backing_chain(path, writable)
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return self.active.size
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The images of the chain, active first."""
+        return self.active.chain()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest-visible content."""
+        self.active._check_range(offset, length)
+        return self.active.read(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy-on-write into the active image."""
+        self.active.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a range; zero clusters where whole clusters are covered."""
+        self.active.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        """Make everything written durable in the image files."""
+        self.active.flush()
+
+    def close(self) -> None:
+        close_chain(self.active)
+
+    def __enter__(self) -> "Chain":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.flush()
+        self.close()
+
+
+def open_chain(path: str | os.PathLike[str], writable: bool = False) -> Chain:
+    """Open the chain whose active image is `path`."""
+    return Chain(os.fspath(path), writable)

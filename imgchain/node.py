@@ -1,0 +1,139 @@
+"""Nodes and links of the block graph, and the guest I/O path through a chain.
+
+A `Node` is one opened image (a qcow2 or raw driver over its file); a `Child`
+is the backing link from an overlay (parent) to the node below it (child),
+carrying the `frozen` flag and job blockers that later layers use. Guest
+reads fall through the chain extent by extent; writes go to the node they are
+issued on, with copy-on-write reading from below. This module never changes
+links itself; graph changes live elsewhere and are all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import ImageIOError
+from .extent import Extent, Status
+
+
+class Driver(Protocol):
+    """What a format driver offers a node (qcow2.Qcow2Driver, raw.RawDriver)."""
+
+    format_name: str
+    filename: str
+    size: int
+    cluster_size: int | None
+    backing_file: str | None
+    backing_format: str | None
+
+    def block_status(self, offset: int, length: int) -> list[Extent]: ...
+    def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: object) -> None: ...
+    def write_zeroes(self, offset: int, length: int, read_below: object) -> None: ...
+    def flush(self) -> None: ...
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Child:
+    """The backing link parent -> child (QEMU's BdrvChild with the COW role)."""
+
+    parent: "Node"
+    child: "Node"
+    name: str = "backing"
+    frozen: bool = False
+    blockers: list[str] = field(default_factory=list)
+
+
+class Node:
+    """An opened image in the graph (QEMU's BlockDriverState)."""
+
+    def __init__(self, node_name: str, filename: str, driver: Driver) -> None:
+        self.node_name = node_name
+        self.filename = filename
+        self.driver = driver
+        self.backing: Child | None = None
+
+    def __repr__(self) -> str:
+        return f"<Node {self.node_name} {self.driver.format_name} {self.filename!r}>"
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def format_name(self) -> str:
+        return self.driver.format_name
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.driver.file.writable)  # type: ignore[attr-defined]
+
+    @property
+    def backing_node(self) -> "Node | None":
+        return self.backing.child if self.backing else None
+
+    def chain(self) -> list["Node"]:
+        """This node and everything below it, top first."""
+        nodes: list[Node] = []
+        node: Node | None = self
+        while node is not None:
+            nodes.append(node)
+            node = node.backing_node
+        return nodes
+
+    # -- reads ------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest-visible bytes of this node (its chain), zeros past its end."""
+        out = bytearray(length)
+        inside = max(0, min(length, self.size - offset))
+        if inside:
+            for ext in self.driver.block_status(offset, inside):
+                self._read_extent(ext, out, ext.guest_offset - offset)
+        return bytes(out)
+
+    def _read_extent(self, ext: Extent, out: bytearray, at: int) -> None:
+        if ext.status is Status.DATA:
+            out[at:at + ext.length] = self.driver.file.pread(ext.host_offset, ext.length)  # type: ignore[attr-defined]
+        elif ext.status is Status.UNALLOCATED:
+            out[at:at + ext.length] = self.read_below(ext.guest_offset, ext.length)
+        elif ext.status is Status.COMPRESSED:
+            cluster = self.driver.read_compressed(ext.guest_offset)  # type: ignore[attr-defined]
+            start = ext.guest_offset % len(cluster)
+            out[at:at + ext.length] = cluster[start:start + ext.length]
+
+    def read_below(self, offset: int, length: int) -> bytes:
+        """What this node's backing shows for a range: zeros where there is none."""
+        below = self.backing_node
+        if below is None:
+            return bytes(length)
+        return below.read(offset, length)
+
+    # -- writes -----------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ImageIOError(
+                f"{self.filename}: request {offset}+{length} is beyond the end of the image "
+                f"({self.size} bytes)", errno.EINVAL)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Guest write into this node (copy-on-write from its backing)."""
+        self._check_range(offset, len(data))
+        if len(data):
+            self.driver.write(offset, data, self.read_below)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a guest range; whole clusters become zero clusters."""
+        self._check_range(offset, length)
+        if length:
+            self.driver.write_zeroes(offset, length, self.read_below)
+
+    def flush(self) -> None:
+        self.driver.flush()
+
+    def close(self) -> None:
+        self.driver.close()

@@ -1,0 +1,383 @@
+"""The qcow2 driver: one opened qcow2 image of the subset.
+
+Maps guest offsets to clusters (block status), writes guest data with
+copy-on-write of partial clusters, writes zero clusters, and rewrites the
+header's backing name. Reading through the backing chain is the node's job:
+the driver says UNALLOCATED and, for copy-on-write, calls the `read_below`
+function it is given. Write order follows QCOW2-SUBSET.md §5: refcount
+(durable), data, barrier, L2; new L2 table (durable) before the L1 entry;
+unlink (durable) before free.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Callable
+
+from imgchain.formats import CorruptImage, ReadOnlyImage
+from imgchain.formats.qcow2_header import (
+    AUTOCLEAR_BITMAPS,
+    EXT_BITMAPS,
+    Qcow2Header,
+    build_cluster0,
+    check_tables,
+    check_writable,
+    parse_header,
+)
+from imgchain.formats.qcow2_tables import (
+    L2_ZERO_PLAIN,
+    QCOW_OFLAG_COPIED,
+    ClusterType,
+    Geometry,
+    classify_l2,
+    compressed_extent,
+    decode_u64_table,
+    encode_u64,
+    encode_u64_table,
+    inflate_cluster,
+    l1_entry,
+    l1_l2_offset,
+    l2_host_offset,
+    l2_normal,
+)
+
+from .blockfile import BlockFile
+from .errors import ImageIOError
+from .extent import Extent, Status
+from .metacache import MetadataCache
+from .qcow2_refcount import RefcountManager
+
+ReadBelow = Callable[[int, int], bytes]
+"""Reads guest bytes from the node's backing chain (zeros where there is none)."""
+
+AUTOCLEAR_OFFSET = 88
+L2_CACHE_BYTES = 32 * 1024 * 1024
+
+_STATUS = {
+    ClusterType.UNALLOCATED: Status.UNALLOCATED,
+    ClusterType.ZERO_PLAIN: Status.ZERO,
+    ClusterType.ZERO_ALLOC: Status.ZERO,
+    ClusterType.NORMAL: Status.DATA,
+    ClusterType.COMPRESSED: Status.COMPRESSED,
+}
+
+
+def read_header(file: BlockFile, filename: str) -> Qcow2Header:
+    """Read and parse cluster 0 of an open qcow2 file."""
+    head = file.pread(0, 4096)
+    bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+    if 12 < bits <= 21:
+        head += file.pread(4096, (1 << bits) - 4096)
+    return parse_header(filename, head)
+
+
+class Qcow2Driver:
+    """One qcow2 image: header, L1 in memory, L2 tables through a cache."""
+
+    format_name = "qcow2"
+
+    def __init__(self, file: BlockFile, filename: str) -> None:
+        self.file = file
+        self.filename = filename
+        self.header = read_header(file, filename)
+        check_tables(filename, self.header, file.size())
+        self.geo = Geometry(self.header.cluster_bits, self.header.refcount_order)
+        self.l1: array = decode_u64_table(
+            file.pread(self.header.l1_table_offset, self.header.l1_size * 8))
+        self.l2_cache: MetadataCache[array] = MetadataCache(L2_CACHE_BYTES // self.geo.cluster_size)
+        self.refcounts: RefcountManager | None = None
+        self.ordered = True  # issue barriers between dependent writes
+        if file.writable:
+            check_writable(filename, self.header)
+            self._clear_autoclear()
+            self.refcounts = RefcountManager(file, self.header, self.barrier)
+
+    # -- properties -------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.geo.cluster_size
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    def barrier(self) -> None:
+        """Make everything issued so far durable before what follows."""
+        if self.ordered:
+            self.file.flush()
+
+    def _clear_autoclear(self) -> None:
+        # A writer must clear autoclear bits it does not honour (§1.3); the
+        # bitmaps bit without its extension is harmless to clear.
+        keep = AUTOCLEAR_BITMAPS if self.header.extension(EXT_BITMAPS) else 0
+        bits = self.header.autoclear_features & keep
+        if bits != self.header.autoclear_features:
+            self.file.pwrite(AUTOCLEAR_OFFSET, encode_u64(bits))
+            self.file.flush()
+            self.header.autoclear_features = bits
+
+    # -- tables -----------------------------------------------------------
+
+    def _load_l2(self, offset: int) -> array:
+        return decode_u64_table(self.file.pread(offset, self.geo.cluster_size))
+
+    def l2_table(self, l1_index: int) -> tuple[int, array | None]:
+        """(host offset, entries) of the L2 table for one L1 index, (0, None) if none."""
+        if l1_index >= len(self.l1):
+            raise CorruptImage(self.filename, f"guest offset beyond the L1 table (index {l1_index})")
+        offset = l1_l2_offset(self.l1[l1_index])
+        if not offset:
+            return 0, None
+        if offset % self.geo.cluster_size:
+            raise CorruptImage(self.filename,
+                               f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+        return offset, self.l2_cache.get(offset, self._load_l2)
+
+    def l2_entry(self, guest_offset: int) -> int:
+        _, table = self.l2_table(self.geo.l1_index(guest_offset))
+        return table[self.geo.l2_index(guest_offset)] if table is not None else 0
+
+    # -- block status -----------------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Merged extents covering [offset, offset+length) of this layer only."""
+        out: list[Extent] = []
+        end = offset + length
+        cs = self.geo.cluster_size
+        pos = offset
+        while pos < end:
+            entry = self.l2_entry(pos)
+            kind = classify_l2(entry)
+            n = min(end, (pos // cs + 1) * cs) - pos
+            host = self._host_for(entry, kind, pos)
+            _append_extent(out, Extent(pos, n, _STATUS[kind], host))
+            pos += n
+        return out
+
+    def _host_for(self, entry: int, kind: ClusterType, guest: int) -> int | None:
+        if kind is ClusterType.COMPRESSED:
+            return compressed_extent(entry, self.geo.cluster_bits).host_offset
+        host = l2_host_offset(entry)
+        if not host:
+            return None
+        if host % self.geo.cluster_size:
+            raise CorruptImage(self.filename, f"Cluster allocation offset {host:#x} unaligned "
+                                              f"(guest offset {guest:#x})")
+        return host + guest % self.geo.cluster_size
+
+    def read_compressed(self, guest_offset: int) -> bytes:
+        """The whole inflated guest cluster that holds guest_offset."""
+        entry = self.l2_entry(guest_offset)
+        ext = compressed_extent(entry, self.geo.cluster_bits)
+        try:
+            return inflate_cluster(self.file.pread(ext.host_offset, ext.length), self.cluster_size)
+        except ValueError as exc:
+            raise CorruptImage(self.filename, f"guest offset {guest_offset:#x}: {exc}") from None
+
+    # -- writes -----------------------------------------------------------
+
+    def _require_writable(self) -> RefcountManager:
+        if self.refcounts is None:
+            raise ImageIOError(f"{self.filename}: image is opened read-only", 30)  # EROFS
+        return self.refcounts
+
+    def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
+        offset, table = self.l2_table(l1_index)
+        if table is not None:
+            if not self.l1[l1_index] & QCOW_OFLAG_COPIED:
+                raise CorruptImage(self.filename, f"L2 table at {offset:#x} is shared (no COPIED flag)")
+            return offset, table
+        refcounts = self._require_writable()
+        offset = refcounts.allocate(1)
+        table = array("Q", bytes(self.geo.cluster_size))
+        self.file.pwrite(offset, bytes(self.geo.cluster_size))
+        self.barrier()  # new L2 before L1
+        self.l2_cache.put(offset, table)
+        self.l1[l1_index] = l1_entry(offset)
+        self.file.pwrite(self.header.l1_table_offset + 8 * l1_index, encode_u64(self.l1[l1_index]))
+        return offset, table
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: ReadBelow) -> None:
+        """Write guest data; partial clusters are completed from below (COW)."""
+        self._require_writable()
+        view = memoryview(data)
+        span = self.geo.l2_span
+        pos = 0
+        while pos < len(view):
+            off = offset + pos
+            n = min(len(view) - pos, span - off % span)
+            self._write_slice(off, view[pos:pos + n], read_below)
+            pos += n
+
+    def _write_slice(self, offset: int, data: memoryview, read_below: ReadBelow) -> None:
+        cs = self.geo.cluster_size
+        refcounts = self._require_writable()
+        l2_offset, table = self._l2_for_write(self.geo.l1_index(offset))
+        first, last = offset // cs, (offset + len(data) - 1) // cs
+        base = self.geo.l2_index(offset) - first
+        fresh = [c for c in range(first, last + 1) if not self._in_place(table[base + c])]
+        next_host = refcounts.allocate(len(fresh)) if fresh else 0
+        writes: list[tuple[int, bytes | memoryview]] = []
+        updates: dict[int, int] = {}
+        dropped: list[int] = []
+        for c in range(first, last + 1):
+            entry = table[base + c]
+            lo, hi = max(offset, c * cs), min(offset + len(data), (c + 1) * cs)
+            piece = data[lo - offset:hi - offset]
+            kind = classify_l2(entry)
+            if kind is ClusterType.NORMAL and entry & QCOW_OFLAG_COPIED:
+                writes.append((l2_host_offset(entry) + lo - c * cs, piece))
+                continue
+            if kind is ClusterType.ZERO_ALLOC and entry & QCOW_OFLAG_COPIED:
+                host = l2_host_offset(entry)
+            else:
+                host, next_host = next_host, next_host + cs
+            if hi - lo < cs:
+                full = bytearray(self._cluster_content(c * cs, entry, kind, read_below))
+                full[lo - c * cs:hi - c * cs] = piece
+                piece = memoryview(full)
+            writes.append((host, piece))
+            updates[base + c] = l2_normal(host)
+            if kind not in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN) and l2_host_offset(host) != l2_host_offset(entry):
+                dropped.append(entry)
+        _pwrite_merged(self.file, writes)
+        if updates:
+            self.barrier()  # data and COW before L2
+            self._update_l2(l2_offset, table, updates)
+        self._drop_clusters(dropped)
+
+    @staticmethod
+    def _in_place(entry: int) -> bool:
+        kind = classify_l2(entry)
+        return kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and bool(entry & QCOW_OFLAG_COPIED)
+
+    def _cluster_content(self, guest: int, entry: int, kind: ClusterType, read_below: ReadBelow) -> bytes:
+        cs = self.geo.cluster_size
+        if kind is ClusterType.UNALLOCATED:
+            return read_below(guest, cs)
+        if kind is ClusterType.COMPRESSED:
+            return self.read_compressed(guest)
+        if kind is ClusterType.NORMAL:  # shared cluster without COPIED
+            return self.file.pread(l2_host_offset(entry), cs)
+        return bytes(cs)
+
+    def _update_l2(self, l2_offset: int, table: array, updates: dict[int, int]) -> None:
+        for i, e in updates.items():
+            table[i] = e
+        lo, hi = min(updates), max(updates)
+        self.file.pwrite(l2_offset + 8 * lo, encode_u64_table(table[lo:hi + 1]))
+
+    def _drop_clusters(self, entries: list[int]) -> None:
+        """Free the host clusters of unlinked entries (after the unlink is durable)."""
+        refcounts = self._require_writable()
+        if not entries:
+            return
+        self.barrier()
+        cs = self.geo.cluster_size
+        for entry in entries:
+            if classify_l2(entry) is ClusterType.COMPRESSED:
+                ext = compressed_extent(entry, self.geo.cluster_bits)
+                first = ext.host_offset // cs
+                count = (ext.host_offset + ext.length - 1) // cs - first + 1
+                refcounts.free(first * cs, count)
+            else:
+                refcounts.free(l2_host_offset(entry))
+
+    def write_zeroes(self, offset: int, length: int, read_below: ReadBelow) -> None:
+        """Zero a range: whole clusters become zero clusters (hiding the
+        backing), partial ones are written with zeros."""
+        self._require_writable()
+        cs = self.geo.cluster_size
+        end = offset + length
+        first = -(-offset // cs) * cs
+        last = end if end == self.size else end // cs * cs
+        if first >= last:
+            self.write(offset, bytes(length), read_below)
+            return
+        if offset < first:
+            self.write(offset, bytes(first - offset), read_below)
+        pos = first
+        while pos < last:
+            n = min(last - pos, self.geo.l2_span - pos % self.geo.l2_span)
+            self._zero_slice(pos, n)
+            pos += n
+        if last < end:
+            self.write(last, bytes(end - last), read_below)
+
+    def _zero_slice(self, offset: int, length: int) -> None:
+        cs = self.geo.cluster_size
+        l2_offset, table = self._l2_for_write(self.geo.l1_index(offset))
+        updates: dict[int, int] = {}
+        dropped: list[int] = []
+        for c in range(offset // cs, -(-(offset + length) // cs)):
+            i = self.geo.l2_index(c * cs)
+            entry = table[i]
+            if entry == L2_ZERO_PLAIN:
+                continue
+            updates[i] = L2_ZERO_PLAIN
+            if classify_l2(entry) is not ClusterType.ZERO_PLAIN and entry != 0:
+                dropped.append(entry)
+        if updates:
+            self._update_l2(l2_offset, table, updates)
+        self._drop_clusters(dropped)
+
+    def flush(self) -> None:
+        if self.file.writable:
+            self.file.flush()
+
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite cluster 0 with a new backing name and format (rebase -u).
+
+        The whole cluster is built first, so a name that does not fit fails
+        with nothing written."""
+        self._require_writable()
+        new = self.header.replace(backing_file=name or None, backing_format=fmt if name else None)
+        cluster0 = build_cluster0(self.filename, new)
+        self.file.pwrite(0, cluster0)
+        self.file.flush()
+        self.header.backing_file = new.backing_file
+        self.header.backing_format = new.backing_format
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _append_extent(out: list[Extent], ext: Extent) -> None:
+    """Append, merging with the previous extent when status and host offsets continue."""
+    if out:
+        prev = out[-1]
+        same = prev.status is ext.status and prev.status is not Status.COMPRESSED
+        if same and _host_continues(prev, ext):
+            out[-1] = Extent(prev.guest_offset, prev.length + ext.length, prev.status, prev.host_offset)
+            return
+    out.append(ext)
+
+
+def _host_continues(prev: Extent, ext: Extent) -> bool:
+    if prev.host_offset is None or ext.host_offset is None:
+        return prev.host_offset is None and ext.host_offset is None
+    return prev.host_offset + prev.length == ext.host_offset
+
+
+def _pwrite_merged(file: BlockFile, writes: list[tuple[int, bytes | memoryview]]) -> None:
+    """Issue writes sorted by host offset, joining adjacent ones into one call."""
+    writes.sort(key=lambda w: w[0])
+    i = 0
+    while i < len(writes):
+        start, parts = writes[i][0], [writes[i][1]]
+        end = start + len(writes[i][1])
+        i += 1
+        while i < len(writes) and writes[i][0] == end:
+            parts.append(writes[i][1])
+            end += len(writes[i][1])
+            i += 1
+        file.pwrite(start, parts[0] if len(parts) == 1 else b"".join(parts))
