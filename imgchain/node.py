@@ -105,6 +105,18 @@ class Node:
             start = ext.guest_offset % len(cluster)
             out[at:at + ext.length] = cluster[start:start + ext.length]
 
+    def reads_as_zero(self, offset: int, length: int) -> bool:
+        """Does block status alone (no data read) show the range as zeros?"""
+        inside = max(0, min(length, self.size - offset))
+        for ext in self.driver.block_status(offset, inside) if inside else ():
+            if ext.status is Status.UNALLOCATED:
+                below = self.backing_node
+                if below is not None and not below.reads_as_zero(ext.guest_offset, ext.length):
+                    return False
+            elif ext.status is not Status.ZERO:
+                return False
+        return True
+
     def read_below(self, offset: int, length: int) -> bytes:
         """What this node's backing shows for a range: zeros where there is none."""
         below = self.backing_node

@@ -154,8 +154,15 @@ class Qcow2Driver:
         end = offset + length
         cs = self.geo.cluster_size
         pos = offset
+        span = self.geo.l2_span
         while pos < end:
-            entry = self.l2_entry(pos)
+            _, table = self.l2_table(self.geo.l1_index(pos))
+            if table is None:  # a whole L2 range unallocated: skip it in one step
+                n = min(end, (pos // span + 1) * span) - pos
+                _append_extent(out, Extent(pos, n, Status.UNALLOCATED))
+                pos += n
+                continue
+            entry = table[self.geo.l2_index(pos)]
             kind = classify_l2(entry)
             n = min(end, (pos // cs + 1) * cs) - pos
             host = self._host_for(entry, kind, pos)

@@ -17,6 +17,12 @@ cd "$(dirname "$0")"
 export LC_ALL=C TZ=UTC
 umask 022
 
+ver=$(qemu-img --version | head -n1)
+case "$ver" in
+    "qemu-img version 7.2."*) ;;
+    *) echo "warning: fixtures were made with qemu-img 7.2.22; this is: $ver" >&2 ;;
+esac
+
 OUT=fixtures
 rm -rf "$OUT"
 mkdir -p "$OUT/chain"
@@ -56,7 +62,7 @@ io -c 'write -P 0x61 64k 64k' \
 # 128k: zero cluster hiding base 0x5b
 # 260k: partial write, COW of a cluster holding base 0x5c (300k..310k) and holes
 # 576k: partial write inside base 0x5d (COW of base data around it)
-# 1016k: 8k across the last base pattern (0x5e at 1020k), last cluster
+# 1016k: 8k in the last cluster, covering the last base pattern (0x5e at 1020k..1024k)
 
 # Extra: overlay whose virtual size (2 MiB) exceeds its raw backing (1 MiB)
 q create -f qcow2 -o cluster_size=65536 -b raw-base.raw -F raw grow-over.qcow2 2M
@@ -247,6 +253,12 @@ io -c 'write -P 0xda 0 64k' -c 'write -P 0xdb 512k 4k' datafile.qcow2
 q create -f qcow2 -o compression_type=zstd,cluster_size=65536 zstd.qcow2 4M
 io -c 'write -c -P 0x7a 0 64k' -c 'write -P 0x7b 1M 4k' zstd.qcow2
 # cluster 0 is a zstd-compressed cluster, 1M is a normal one
+
+# Rewrite every file sparsely (zero blocks become holes; bytes unchanged, only du shrinks;
+# a git checkout writes them densely anyway)
+find . -type f | sort | while read -r f; do
+    cp --sparse=always "$f" "$f.sparse" && mv "$f.sparse" "$f"
+done
 
 cd ..
 python3 make_manifest.py

@@ -1,0 +1,37 @@
+# The two front-door commands: `make demo` and `make test`.
+# Both install what they need first (Debian packages, then a .venv with the
+# project), so they work on a fresh Debian 12 machine as root.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+                fio qemu-utils qemu-system-common e2fsprogs
+
+.PHONY: setup system-packages venv demo test clean
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+setup: system-packages venv
+
+demo: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m imgchain.cli.demo demo-work
+
+test: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) demo-work *.egg-info

@@ -1,0 +1,57 @@
+"""Shared helpers: real qemu-img/qemu-io runs and small chain builders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imgchain.create import create_image
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "testimages" / "fixtures"
+
+for tool in ("qemu-img", "qemu-io"):
+    if shutil.which(tool) is None:  # the setup installs them: their absence is a failure
+        raise RuntimeError(f"{tool} is not installed; run `make test`, which installs qemu-utils")
+
+
+def qemu_img(*args: str | os.PathLike[str], check: bool = False) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qemu-img {args} -> {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def qemu_io(image: str | os.PathLike[str], *commands: str, fmt: str | None = None,
+            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    argv = ["qemu-io", *extra]
+    if fmt:
+        argv += ["-f", fmt]
+    for c in commands:
+        argv += ["-c", c]
+    return subprocess.run([*argv, str(image)], capture_output=True, text=True)
+
+
+def assert_qemu_clean(*images: str | os.PathLike[str]) -> None:
+    """qemu-img check exits 0 with "No errors" on every qcow2 image given."""
+    for image in images:
+        if str(image).endswith(".qcow2"):
+            proc = qemu_img("check", image)
+            assert proc.returncode == 0, f"{image}: {proc.stdout}{proc.stderr}"
+            assert "No errors were found on the image." in proc.stdout
+
+
+@pytest.fixture
+def chain3(tmp_path: Path) -> Path:
+    """base.raw (4 MiB, patterned) <- mid.qcow2 <- top.qcow2 (4 KiB clusters); returns top."""
+    base = tmp_path / "base.raw"
+    create_image(str(base), "raw", 4 << 20)
+    with open(base, "r+b") as f:
+        f.write(b"\xaa" * (1 << 20))
+    create_image(str(tmp_path / "mid.qcow2"), backing_file="base.raw", backing_format="raw")
+    create_image(str(tmp_path / "top.qcow2"), backing_file="mid.qcow2", cluster_size=4096)
+    return tmp_path / "top.qcow2"
