@@ -64,9 +64,9 @@ _STATUS = {
 
 def read_header(file: BlockFile, filename: str) -> Qcow2Header:
     """Read and parse cluster 0 of an open qcow2 file."""
-    head = file.pread(0, 4096)
+    head = file.pread(0, min(4096, file.size()))  # a short file must look short
     bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
-    if 12 < bits <= 21:
+    if 12 < bits <= 21 and len(head) == 4096:
         head += file.pread(4096, (1 << bits) - 4096)
     return parse_header(filename, head)
 
