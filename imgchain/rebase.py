@@ -35,16 +35,16 @@ def _new_backing_format(path: str, new: str, fmt: str | None) -> str | None:
 
 def rebase(path: str, new: str, fmt: str | None = None, unsafe: bool = False) -> None:
     """Make `new` (stored as given; "" for none) the backing file of `path`."""
-    fmt = _new_backing_format(path, new, fmt)
     if unsafe:
         node = open_image(path, writable=True)
         try:
-            _rewrite_header(node, new, fmt)
+            _rewrite_header(node, new, _new_backing_format(path, new, fmt))
         finally:
             node.close()
         return
     top = open_backing_chain(path, writable=True)
     try:
+        fmt = _new_backing_format(path, new, fmt)
         target = _open_new_backing(path, new, fmt)
         try:
             copy_differences(top, target)
