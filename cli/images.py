@@ -93,11 +93,11 @@ def check(output: str, repair: str | None, force_share: bool, file: str) -> None
     Exit 0 clean, 1 check not completed, 2 corruptions, 3 leaked clusters only."""
     from imgchain.check import check_image
     result = check_image(file, repair=repair)
-    if output == "json":
+    for line in result.messages:
+        click.echo(line, err=True)
+    if output == "json" and not result.aborted:
         print_json(result.to_json())
-    else:
-        for line in result.messages:
-            click.echo(line, err=True)
+    elif output == "human":
         click.echo(result.human(), nl=False)
     sys.exit(result.exit_code())
 
