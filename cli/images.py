@@ -92,7 +92,7 @@ def check(output: str, repair: str | None, force_share: bool, file: str) -> None
 
     Exit 0 clean, 1 check not completed, 2 corruptions, 3 leaked clusters only."""
     from imgchain.check import check_image
-    result = check_image(file, repair=repair)
+    result = check_image(file, repair=repair, force_share=force_share)
     for line in result.messages:
         click.echo(line, err=True)
     if output == "json" and not result.aborted:

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import os
 
+from .locks import Perms, apply_locks
+
 
 class BlockFile:
-    """One opened image file."""
+    """One opened image file, holding QEMU's lock bytes for `lock` (held, shared)."""
 
-    def __init__(self, path: str, writable: bool) -> None:
+    def __init__(self, path: str, writable: bool, lock: Perms | None = None) -> None:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self.path = path
         self.writable = writable
         self.fd = os.open(path, flags)
+        if lock is not None:
+            try:
+                apply_locks(self.fd, path, lock)
+            except BaseException:
+                os.close(self.fd)
+                raise
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read `length` bytes; whatever lies past EOF reads as zeros."""

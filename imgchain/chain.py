@@ -19,6 +19,7 @@ from imgchain.formats.probe import QCOW2_PROBE_SIZE
 
 from .blockfile import BlockFile
 from .errors import BackingError, ImgchainError
+from .locks import ACTIVE_WRITER, BACKING_READER, READER, Perms
 from .node import Child, Node
 from .qcow2 import Qcow2Driver
 from .raw import RawDriver
@@ -40,17 +41,23 @@ def resolve_backing_name(overlay: str, name: str) -> str:
     return os.path.join(os.path.dirname(overlay), name)
 
 
-def _open_file(path: str, writable: bool) -> BlockFile:
+def _open_file(path: str, writable: bool, lock: Perms | None) -> BlockFile:
     try:
-        return BlockFile(path, writable)
+        return BlockFile(path, writable, lock)
     except OSError as exc:
         raise ImgchainError(f"Could not open '{path}': {exc.strerror}") from None
 
 
 def open_image(path: str, writable: bool = False, fmt: str | None = None,
-               node_name: str | None = None) -> Node:
-    """Open one image as a node, without its backing."""
-    file = _open_file(path, writable)
+               node_name: str | None = None, lock: Perms | None | str = "default") -> Node:
+    """Open one image as a node, without its backing.
+
+    It takes QEMU's image locks: `lock` is (held, shared) permissions, None
+    for none (qemu-img -U), and by default those of an active image (a writer
+    sharing no write, or a consistent reader)."""
+    if lock == "default":
+        lock = ACTIVE_WRITER if writable else READER
+    file = _open_file(path, writable, lock)  # type: ignore[arg-type]
     try:
         if fmt is None:
             fmt = probe_format(file.pread(0, QCOW2_PROBE_SIZE))
@@ -84,17 +91,21 @@ def _file_id(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None) -> Node:
+def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None,
+                       force_share: bool = False) -> Node:
     """Open `path` and every backing file below it; returns the active node.
 
-    Only the active node is writable; backing nodes are read-only."""
+    Only the active node is writable; backing nodes are read-only and locked
+    as QEMU locks them (consistent read, write unshared). `force_share` takes
+    no locks at all (qemu-img -U)."""
     taken: set[str] = set()
-    top = open_image(path, writable, fmt, _unique(node_name_for(path), taken))
+    top = open_image(path, writable, fmt, _unique(node_name_for(path), taken),
+                     None if force_share else "default")
     seen = {_file_id(path)}
     node = top
     try:
         while node.driver.backing_file:
-            below = _open_backing(node, seen, taken)
+            below = _open_backing(node, seen, taken, None if force_share else BACKING_READER)
             node.backing = Child(parent=node, child=below)
             node = below
     except BaseException:
@@ -103,7 +114,8 @@ def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None
     return top
 
 
-def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str]) -> Node:
+def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str],
+                  lock: Perms | None) -> Node:
     name = overlay.driver.backing_file or ""
     proto = protocol_of(name)
     if proto and not os.path.isabs(name):
@@ -119,7 +131,7 @@ def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str]) ->
         raise BackingError(f"Backing file '{name}' creates an infinite loop")
     seen.add(ident)
     fmt = overlay.driver.backing_format
-    return open_image(path, False, fmt, _unique(node_name_for(path), taken))
+    return open_image(path, False, fmt, _unique(node_name_for(path), taken), lock)
 
 
 def close_chain(top: Node) -> None:
@@ -131,8 +143,8 @@ def close_chain(top: Node) -> None:
 class Chain:
     """An opened backing chain, named by its active image (the Python API)."""
 
-    def __init__(self, path: str, writable: bool = False) -> None:
-        self.active = open_backing_chain(path, writable)
+    def __init__(self, path: str, writable: bool = False, force_share: bool = False) -> None:
+        self.active = open_backing_chain(path, writable, force_share=force_share)
 
     @property
     def size(self) -> int:
@@ -174,6 +186,9 @@ class Chain:
         self.close()
 
 
-def open_chain(path: str | os.PathLike[str], writable: bool = False) -> Chain:
-    """Open the chain whose active image is `path`."""
-    return Chain(os.fspath(path), writable)
+def open_chain(path: str | os.PathLike[str], writable: bool = False,
+               force_share: bool = False) -> Chain:
+    """Open the chain whose active image is `path`, taking QEMU's image locks
+    (a writer that shares no write, or a consistent reader; none with
+    `force_share`)."""
+    return Chain(os.fspath(path), writable, force_share)

@@ -32,6 +32,7 @@ from imgchain.formats.qcow2_tables import (
 
 from .blockfile import BlockFile
 from .chain import close_chain, open_backing_chain
+from .locks import ACTIVE_WRITER
 from .qcow2 import read_header
 
 FIX_LEAKS, FIX_ERRORS = 1, 2  # BDRV_FIX_LEAKS, BDRV_FIX_ERRORS
@@ -555,7 +556,7 @@ def _open_for_repair(path: str, h: Qcow2Header) -> BlockFile:
     if h.refcount_order != 4:
         raise ReadOnlyImage(path, f"cannot repair: refcount width is {h.refcount_bits} bits; "
                                   "imgchain writes 16-bit refcounts only")
-    file = BlockFile(path, writable=True)
+    file = BlockFile(path, writable=True, lock=ACTIVE_WRITER)
     if _stale_bitmaps(h):  # qemu drops a bitmaps extension whose autoclear bit was cleared
         kept = [e for e in h.extensions if e.magic != EXT_BITMAPS]
         file.pwrite(0, build_cluster0(path, h.replace(extensions=kept)))
@@ -590,7 +591,7 @@ def _check_qcow2(path: str, file: BlockFile, header: Qcow2Header, fix: int) -> C
     return again
 
 
-def check_image(path: str, repair: str | None = None) -> CheckResult:
+def check_image(path: str, repair: str | None = None, force_share: bool = False) -> CheckResult:
     """`qemu-img check [-r leaks|all] path`: check (and repair) the top image of a chain.
 
     The whole backing chain is opened first, read-only, as qemu-img does; an image or
@@ -601,7 +602,8 @@ def check_image(path: str, repair: str | None = None) -> CheckResult:
     refcounts can be repaired (ReadOnlyImage otherwise)."""
     if repair not in REPAIR_MODES:
         raise ValueError(f"Unknown option for -r: {repair!r} (expecting 'leaks' or 'all')")
-    top = open_backing_chain(path, writable=False)
+    # Repair takes the writer's lock on its own descriptor, so the chain itself locks nothing.
+    top = open_backing_chain(path, writable=False, force_share=force_share or repair is not None)
     try:
         if top.format_name != "qcow2":
             return CheckResult(path, top.format_name, aborted=True,
