@@ -109,12 +109,16 @@ def check(output: str, repair: str | None, force_share: bool, file: str) -> None
 @user_errors()
 def map_(output: str, force_share: bool, file: str) -> None:
     """Show where each range of the chain's content comes from (qemu-img map)."""
-    from imgchain.map import human_map, map_chain
-    entries = map_chain(file)
+    from imgchain.map import MapError, human_map, map_chain
+    entries = map_chain(file, force_share=force_share)
     if output == "json":
         print_json(entries)
-    else:
+        return
+    try:
         click.echo(human_map(entries, file), nl=False)
+    except MapError as exc:
+        click.echo(exc.output, nl=False)
+        raise
 
 
 @main.command()

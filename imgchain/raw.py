@@ -28,7 +28,7 @@ class RawDriver:
     def __init__(self, file: BlockFile, filename: str) -> None:
         self.file = file
         self.filename = filename
-        self.size = file.size()
+        self.size = -(-file.size() // 512) * 512  # QEMU counts whole sectors
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Data extents at their own offsets; holes of a sparse file as zero."""

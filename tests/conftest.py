@@ -55,3 +55,24 @@ def chain3(tmp_path: Path) -> Path:
     create_image(str(tmp_path / "mid.qcow2"), backing_file="base.raw", backing_format="raw")
     create_image(str(tmp_path / "top.qcow2"), backing_file="mid.qcow2", cluster_size=4096)
     return tmp_path / "top.qcow2"
+
+
+def wait_until_write_locked(path: str | os.PathLike[str], proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until some process holds QEMU's "write" permission byte on `path`.
+
+    Polls with F_OFD_GETLK only, so the waiting never takes a lock that could
+    race with the process being waited for (qemu-img info would)."""
+    import time
+
+    from imgchain.locks import PERM_BASE, Perm, _held_by_other
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _held_by_other(fd, PERM_BASE + Perm.WRITE):
+            if proc.poll() is not None:
+                raise AssertionError(f"{proc.args} exited {proc.returncode}: {proc.stderr and proc.stderr.read()}")
+            assert time.monotonic() < deadline, f"{path} was never locked"
+            time.sleep(0.02)
+    finally:
+        os.close(fd)

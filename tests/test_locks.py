@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -11,18 +10,15 @@ import pytest
 import imgchain
 from imgchain.locks import ImageLockedError
 
-from .conftest import qemu_img, qemu_io
+from .conftest import qemu_img, qemu_io, wait_until_write_locked
 
 
 @pytest.fixture
 def held_by_qemu(chain3: Path):
     """qemu-io keeps top.qcow2 open read-write (its chain locked) while the test runs."""
-    proc = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(chain3)],
+    proc = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(chain3)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while qemu_img("info", chain3).returncode == 0:  # wait until qemu holds its locks
-        assert time.monotonic() < deadline, "qemu-io did not lock the image"
-        time.sleep(0.05)
+    wait_until_write_locked(chain3, proc)
     yield chain3
     proc.kill()
     proc.wait()
