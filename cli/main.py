@@ -87,3 +87,4 @@ def main() -> None:
 
 
 from . import images  # noqa: E402,F401  (registers the offline commands)
+from . import mount  # noqa: E402,F401  (registers mount, unmount, mounts)

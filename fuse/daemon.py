@@ -1,0 +1,188 @@
+"""The mount daemon process: open the chain, mount the export, serve QMP, tear down cleanly.
+
+`run_mount` does the whole life of one mount inside one trio loop: it opens
+the chain with its locks (imgchain.daemon.Daemon), mounts the FUSE export on
+the mount point file, serves the QMP socket, writes the runtime record once
+the file is live, and reports readiness. It ends on QMP `quit`, SIGTERM,
+SIGINT, or an external unmount (`umount`, `fusermount3 -u`), and then always
+unmounts, flushes, closes the images (releasing the locks) and removes its
+record and socket. Run as `python -m imgchain.fuse.daemon` by `imgchain mount`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from imgchain.daemon import Daemon
+from imgchain.errors import USER_ERRORS, ImgchainError
+from imgchain.runtime import MountRecord, remove_record, runtime_dir, write_record
+
+from .export import BlockExport
+
+log = logging.getLogger("imgchain.fuse")
+MAX_BACKGROUND = 64
+
+
+@dataclass
+class MountOptions:
+    image: str
+    mountpoint: str
+    read_only: bool = False
+    allow_other: bool = False
+    qmp: str | None = None
+    device: str = "drive0"
+
+
+def _is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def prepare_mountpoint(path: str) -> bool:
+    """Check (or create) the regular file to mount over; True if we created it."""
+    if os.path.lexists(path):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImgchainError(f"{path}: the mount point must be a regular file")
+        if _is_mounted(path):
+            raise ImgchainError(f"{path}: is already a mount point")
+        return False
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError as exc:
+        raise ImgchainError(f"{path}: cannot create the mount point: {exc.strerror}") from None
+    return True
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=imgchain", "subtype=imgchain"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _raise_max_background(mountpoint: str) -> None:
+    """pyfuse3 cannot set max_background; the connection's sysfs file can (root only)."""
+    minor = os.minor(os.stat(mountpoint).st_dev)
+    try:
+        with open(f"/sys/fs/fuse/connections/{minor}/max_background", "w") as f:
+            f.write(str(MAX_BACKGROUND))
+    except OSError as exc:
+        log.info("max_background left at its default: %s", exc)
+
+
+async def _announce(opts: MountOptions, daemon: Daemon, socket: str, ready: Callable[[str], None]) -> None:
+    # A stat from another thread proves the kernel sees the file through us.
+    await trio.to_thread.run_sync(_raise_max_background, opts.mountpoint)
+    nodes = [{"node-name": n.node_name, "file": os.path.abspath(n.filename), "format": n.format_name}
+             for n in daemon.nodes]
+    write_record(MountRecord(pid=os.getpid(), mountpoint=os.path.abspath(opts.mountpoint),
+                             image=os.path.abspath(opts.image), socket=socket, device=opts.device,
+                             read_only=opts.read_only, nodes=nodes))
+    ready(socket)
+
+
+async def _stop_on(daemon: Daemon) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            daemon.quit_requested.set()
+            return
+
+
+async def _terminate_when_asked(daemon: Daemon) -> None:
+    await daemon.quit_requested.wait()
+    pyfuse3.terminate()
+
+
+async def _serve(opts: MountOptions, daemon: Daemon, socket: str, ready: Callable[[str], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve_qmp(socket).serve)
+        nursery.start_soon(_announce, opts, daemon, socket, ready)
+        nursery.start_soon(_stop_on, daemon)
+        nursery.start_soon(_terminate_when_asked, daemon)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def run_mount(opts: MountOptions, ready: Callable[[str], None]) -> None:
+    """Mount and serve until told to stop; raises a user error if it cannot start."""
+    created = prepare_mountpoint(opts.mountpoint)
+    socket = opts.qmp or os.path.join(runtime_dir(), f"mount-{os.getpid()}.qmp")
+    try:
+        daemon = Daemon(opts.image, opts.read_only, opts.device)
+    except BaseException:
+        if created:
+            os.unlink(opts.mountpoint)
+        raise
+    try:
+        export = BlockExport(daemon.backend, opts.read_only, os.stat(opts.mountpoint))
+        pyfuse3.init(export, opts.mountpoint, _fuse_options(opts))
+        try:
+            trio.run(_serve, opts, daemon, socket, ready)
+        finally:
+            _unmount()
+    finally:
+        daemon.close()
+        remove_record(os.getpid())
+        for path in [socket] + ([opts.mountpoint] if created else []):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _unmount() -> None:
+    try:
+        pyfuse3.close(unmount=True)
+    except Exception as exc:  # noqa: BLE001 - already unmounted from outside
+        log.info("unmount: %s", exc)
+
+
+def _parse(argv: list[str]) -> tuple[MountOptions, int | None]:
+    p = argparse.ArgumentParser(prog="imgchain-daemon")
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--qmp")
+    p.add_argument("--device-name", default="drive0")
+    p.add_argument("--ready-fd", type=int)
+    a = p.parse_args(argv)
+    return MountOptions(a.image, a.mountpoint, a.read_only, a.allow_other, a.qmp, a.device_name), a.ready_fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the background daemon: reports "OK socket" or "ERR message" on --ready-fd."""
+    opts, ready_fd = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    pending = [ready_fd] if ready_fd is not None else []
+
+    def report(line: str) -> None:
+        while pending:  # once only: later errors go to the log
+            fd = pending.pop()
+            os.write(fd, (line + "\n").encode())
+            os.close(fd)
+
+    try:
+        run_mount(opts, lambda socket: report(f"OK {socket}"))
+    except USER_ERRORS as exc:
+        log.error("%s", exc)
+        report(f"ERR {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

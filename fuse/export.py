@@ -1,0 +1,142 @@
+"""The FUSE export: the chain's active node as one regular file (pyfuse3 + trio).
+
+The mount point itself is the file (inode 1), as with `qemu-storage-daemon
+--export type=fuse`. Reads and writes of any size and alignment go to the
+core's `BlockBackend`; `fsync`/`fdatasync` flush the image files; the size is
+the virtual size and cannot change. This is the only place that turns core
+errors into errno values: every handler catches everything, because any
+other exception escaping a handler would end `pyfuse3.main()` and the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from imgchain.backend import BlockBackend
+from imgchain.errors import ImageIOError
+
+log = logging.getLogger("imgchain.fuse")
+T = TypeVar("T")
+
+
+async def _translated(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run a core call, mapping every error to a FUSEError (EIO when unexpected)."""
+    try:
+        return await call()
+    except pyfuse3.FUSEError:
+        raise
+    except ImageIOError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except OSError as exc:
+        log.warning("%s: %s", what, exc)
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:  # noqa: BLE001 - nothing may escape a FUSE handler
+        log.exception("%s failed", what)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+class BlockExport(pyfuse3.Operations):
+    """One regular file whose content is the backend's guest view."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, backend: BlockBackend, read_only: bool, owner: os.stat_result | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.read_only = read_only
+        self.mode = (owner.st_mode & 0o777) if owner else 0o644
+        self.uid = owner.st_uid if owner else os.getuid()
+        self.gid = owner.st_gid if owner else os.getgid()
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+        self.draining = False
+        backend.dev_ops = self
+
+    # -- drain hooks (imgchain.backend.BlockDevOps) -----------------------
+
+    def drained_begin(self) -> None:
+        self.draining = True  # the backend holds new requests back; nothing fails
+
+    def drained_poll(self) -> bool:
+        return False  # every request of ours is counted by the backend
+
+    def drained_end(self) -> None:
+        self.draining = False
+
+    # -- attributes -------------------------------------------------------
+
+    def _attributes(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.ROOT_INODE
+        attr.st_mode = stat.S_IFREG | (self.mode & (0o555 if self.read_only else 0o777))
+        attr.st_nlink = 1
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_size = self.backend.size
+        attr.st_blksize = 4096
+        attr.st_blocks = -(-self.backend.size // 512)
+        attr.st_atime_ns = attr.st_mtime_ns = self.mtime_ns
+        attr.st_ctime_ns = self.ctime_ns
+        attr.attr_timeout = attr.entry_timeout = 1.0
+        return attr
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attributes()
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        if fields.update_size and attr.st_size != self.backend.size:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a block device's size is fixed
+        if fields.update_mode:
+            self.mode = attr.st_mode & 0o777
+        if fields.update_uid:
+            self.uid = attr.st_uid
+        if fields.update_gid:
+            self.gid = attr.st_gid
+        if fields.update_mtime:
+            self.mtime_ns = attr.st_mtime_ns
+        self.ctime_ns = time.time_ns()
+        return self._attributes()
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 512
+        data.f_blocks = -(-self.backend.size // 512)
+        data.f_namemax = 255
+        return data
+
+    # -- I/O --------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await _translated(f"read {off}+{size}", lambda: self.backend.read(off, size))
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        size = self.backend.size
+        if off >= size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        data = memoryview(buf)[:size - off]
+        await _translated(f"write {off}+{len(data)}", lambda: self.backend.write(off, data))
+        self.mtime_ns = time.time_ns()
+        return len(data)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await _translated("fsync", self.backend.flush)
+
+    async def flush(self, fh: int) -> None:
+        return None  # close(2) does not imply durability; fsync does
+
+    async def release(self, fh: int) -> None:
+        return None

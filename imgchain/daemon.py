@@ -1,0 +1,121 @@
+"""The daemon's state: the graph of one mounted chain, its block backend and its QMP commands.
+
+`Daemon` owns everything a mount's daemon changes: the chain's nodes (opened
+with QEMU's locks), the `BlockBackend` the export uses, and the QMP command
+table with QEMU's names and reply shapes. It knows nothing of FUSE; the
+process that mounts the export (imgchain.fuse.daemon) creates it, serves
+`qmp` and waits for `quit_requested`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from . import __version__
+from .backend import BlockBackend
+from .blkdebug import BlkDebug
+from .chain import close_chain, open_backing_chain
+from .node import Node
+from .qmp import Command, QmpServer, greeting
+
+VERSION = tuple(int(p) for p in __version__.split(".")[:3])
+
+
+class Daemon:
+    """One mounted chain and the control protocol over it."""
+
+    def __init__(self, image: str, read_only: bool = False, device: str = "drive0") -> None:
+        self.image = image
+        self.read_only = read_only
+        debug = BlkDebug.from_environment()
+        self.top = open_backing_chain(image, writable=not read_only)
+        self.backend = BlockBackend(self.top, device, debug)
+        self.quit_requested = trio.Event()
+        self.commands = self._command_table()
+        self.qmp: QmpServer | None = None
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.backend.root.chain()
+
+    def serve_qmp(self, path: str) -> QmpServer:
+        self.qmp = QmpServer(path, self.commands, greeting(VERSION, f"imgchain {__version__}"))  # type: ignore[arg-type]
+        return self.qmp
+
+    # -- commands ---------------------------------------------------------
+
+    def _command_table(self) -> dict[str, Command]:
+        table = [
+            Command("qmp_capabilities", self.qmp_capabilities, {"enable": ("list", False)}),
+            Command("query-version", self.query_version),
+            Command("query-commands", self.query_commands),
+            Command("query-block", self.query_block),
+            Command("query-named-block-nodes", self.query_named_block_nodes, {"flat": ("bool", False)}),
+            Command("quit", self.quit),
+        ]
+        return {c.name: c for c in table}
+
+    async def qmp_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        from .qmp import QmpError
+        if args.get("enable"):
+            raise QmpError(f"Capability '{args['enable'][0]}' not available")
+        return {}
+
+    async def query_version(self, args: dict[str, Any]) -> dict[str, Any]:
+        major, minor, micro = VERSION
+        return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"imgchain {__version__}"}
+
+    async def query_commands(self, args: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"name": name} for name in self.commands]
+
+    async def query_block(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        root = self.backend.root
+        return [{"device": self.backend.name, "locked": False, "removable": False,
+                 "type": "unknown", "inserted": node_summary(root)}]
+
+    async def query_named_block_nodes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node_summary(n) for n in self.nodes]
+
+    async def quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.quit_requested.set()
+        return {}
+
+    # -- teardown ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the active image and close every node (releasing the locks)."""
+        try:
+            if not self.read_only:
+                self.backend.root.flush()
+        finally:
+            close_chain(self.backend.root)
+
+
+def image_summary(node: Node) -> dict[str, Any]:
+    """query-named-block-nodes' ImageInfo: filename, format, sizes, nested backing image."""
+    info: dict[str, Any] = {"filename": node.filename, "format": node.format_name,
+                            "virtual-size": node.size, "dirty-flag": False}
+    if node.driver.cluster_size:
+        info["cluster-size"] = node.driver.cluster_size
+    if node.driver.backing_file:
+        info["backing-filename"] = node.driver.backing_file
+        if node.driver.backing_format:
+            info["backing-filename-format"] = node.driver.backing_format
+    if node.backing_node is not None:
+        info["full-backing-filename"] = node.backing_node.filename
+        info["backing-image"] = image_summary(node.backing_node)
+    return info
+
+
+def node_summary(node: Node) -> dict[str, Any]:
+    """QEMU's BlockDeviceInfo for one node."""
+    depth = len(node.chain()) - 1
+    summary: dict[str, Any] = {"node-name": node.node_name, "file": node.filename,
+                               "drv": node.format_name, "ro": not node.writable,
+                               "backing_file_depth": depth, "encrypted": False,
+                               "image": image_summary(node)}
+    if node.driver.backing_file:
+        summary["backing_file"] = node.driver.backing_file
+    return summary
