@@ -76,3 +76,9 @@ def wait_until_write_locked(path: str | os.PathLike[str], proc: subprocess.Popen
             time.sleep(0.02)
     finally:
         os.close(fd)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Mount records of the tests live in a directory of their own."""
+    os.environ["IMGCHAIN_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
