@@ -90,24 +90,26 @@ class QmpSession:
         self.commands = commands
         self.negotiated = False
         self._buffer = ""
-        self._decoder = json.JSONDecoder()
 
     def feed(self, data: bytes) -> list[Any]:
         """Parse what arrived; returns requests (dicts) and ready error replies
-        (tuples ("reply", message)) in order."""
+        (tuples ("reply", message)) in order. An incomplete object waits for
+        more bytes, as QEMU's JSON streamer does; a broken one is answered
+        with an error and the rest of its line is dropped."""
         self._buffer += data.decode("utf-8", "replace")
         out: list[Any] = []
         while True:
             text = self._buffer.lstrip()
-            if not text:
-                self._buffer = ""
+            end = _document_end(text)
+            if end is None:
+                if len(text) > self.MAX_BUFFER:
+                    out.append(("reply", error_reply("JSON parse error, request too large")))
+                    text = ""
+                self._buffer = text
                 return out
             try:
-                value, end = self._decoder.raw_decode(text)
+                value = json.loads(text[:end])
             except json.JSONDecodeError as exc:
-                if _incomplete(text, exc) and len(text) < self.MAX_BUFFER:
-                    self._buffer = text
-                    return out
                 self._buffer = _skip_line(text)
                 out.append(("reply", error_reply(f"JSON parse error, {exc.msg}")))
                 continue
@@ -164,9 +166,31 @@ class QmpSession:
         return reply
 
 
-def _incomplete(text: str, exc: json.JSONDecodeError) -> bool:
-    """Did the decoder stop because the document is not complete yet?"""
-    return exc.pos >= len(text.rstrip()) and "\n" not in text[exc.pos:]
+def _document_end(text: str) -> int | None:
+    """Where the first top-level JSON document of `text` ends, None if it has not ended yet.
+
+    Tracks brackets outside strings, as QEMU's streamer does; a top-level
+    value that is not an object or array ends at its line's end."""
+    depth, in_string, escaped = 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth <= 0:
+                return i + 1
+        elif ch == "\n" and depth == 0:
+            return i + 1
+    return None
 
 
 def _skip_line(text: str) -> str:
