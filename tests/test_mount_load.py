@@ -46,7 +46,7 @@ def test_fio_verify_on_three_layers(tmp_path: Path) -> None:
             proc = subprocess.run(
                 ["fio", "--name=verify", f"--filename={disk}", "--direct=1", "--ioengine=libaio",
                  "--iodepth=16", f"--rw={rw}", f"--bs={bs}", "--size=8M", "--numjobs=4",
-                 "--offset_increment=8M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                 "--offset_increment=8M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
                  "--group_reporting", "--randrepeat=0"],
                 capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stdout + proc.stderr
