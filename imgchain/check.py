@@ -17,11 +17,11 @@ Errors opening the image or its backing chain propagate as
 from __future__ import annotations
 
 import dataclasses
-import struct
 from array import array
 from dataclasses import dataclass, field
 
-from imgchain.formats import ReadOnlyImage
+from imgchain.formats import CorruptImage, ReadOnlyImage
+from imgchain.formats.qcow2_bitmaps import bitmap_directory_entries, find_bitmap_directory
 from imgchain.formats.qcow2_header import (
     AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Qcow2Header, build_cluster0)
 from imgchain.formats.qcow2_tables import (
@@ -33,7 +33,7 @@ from imgchain.formats.qcow2_tables import (
 from .blockfile import BlockFile
 from .chain import close_chain, open_backing_chain
 from .locks import ACTIVE_WRITER
-from .qcow2 import read_header
+from .qcow2 import read_header, read_snapshot_table
 
 FIX_LEAKS, FIX_ERRORS = 1, 2  # BDRV_FIX_LEAKS, BDRV_FIX_ERRORS
 REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
@@ -138,22 +138,6 @@ class _CheckAborted(Exception):
     """The check itself failed: qemu-img prints "Check failed: <strerror>" and no report."""
 
 
-Snapshot = tuple[str, str, int, int]  # id, name, L1 offset, L1 entries
-
-
-def _read_snapshots(file: BlockFile, h: Qcow2Header) -> tuple[list[Snapshot], int]:
-    """The snapshot table's entries and its size in bytes (ref: qcow2_read_snapshots)."""
-    snapshots, pos = [], h.snapshots_offset
-    for _ in range(h.nb_snapshots):
-        pos = _round_up(pos, 8)
-        l1_offset, l1_size, id_len, name_len = struct.unpack(">QIHH", file.pread(pos, 16))
-        pos += 40 + int.from_bytes(file.pread(pos + 36, 4), "big")  # + extra data
-        ident, name = file.pread(pos, id_len), file.pread(pos + id_len, name_len)
-        pos += id_len + name_len
-        snapshots.append((ident.decode(errors="replace"), name.decode(errors="replace"), l1_offset, l1_size))
-    return snapshots, pos - h.snapshots_offset
-
-
 class _Checker:
     """One check pass over one open qcow2 image (ref: qcow2_check_refcounts)."""
 
@@ -164,7 +148,8 @@ class _Checker:
         self.refcount_max = (1 << h.refcount_bits) - 1
         self.reftable = decode_u64_table(file.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs))
         self.l1 = decode_u64_table(file.pread(h.l1_table_offset, h.l1_size * 8))
-        self.snapshots, self.snapshots_size = _read_snapshots(file, h)
+        table = read_snapshot_table(file, h, res.filename)
+        self.snapshots, self.snapshots_size = table.snapshots, table.size
         self.blocks: dict[int, array | list[int]] = {}  # decoded refcount blocks by offset
         self.imrt = [0] * (_round_up(file.size(), self.cs) >> self.bits)  # in-memory refcounts
         self.protected: list[tuple[str, int, int]] = []  # metadata a rebuild must not overwrite
@@ -214,15 +199,15 @@ class _Checker:
         h = self.h
         self.inc(0, self.cs)
         self.check_l1(h.l1_table_offset, h.l1_size, fix, frag=True)
-        for ident, name, l1_offset, l1_size in self.snapshots:
-            if l1_offset % self.cs:
-                self.corrupt(f"ERROR snapshot {ident} ({name}) l1_offset={_hexalt(l1_offset)}: "
+        for sn in self.snapshots:
+            if sn.l1_table_offset % self.cs:
+                self.corrupt(f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={_hexalt(sn.l1_table_offset)}: "
                              "L1 table is not cluster aligned; snapshot table entry corrupted")
-            elif l1_size > MAX_L1_ENTRIES:
-                self.corrupt(f"ERROR snapshot {ident} ({name}) l1_size={_hexalt(l1_size)}: "
+            elif sn.l1_size > MAX_L1_ENTRIES:
+                self.corrupt(f"ERROR snapshot {sn.id} ({sn.name}) l1_size={_hexalt(sn.l1_size)}: "
                              "L1 table is too large; snapshot table entry corrupted")
             else:
-                self.check_l1(l1_offset, l1_size, fix, frag=False)
+                self.check_l1(sn.l1_table_offset, sn.l1_size, fix, frag=False)
         self.inc(h.snapshots_offset, self.snapshots_size)
         self.inc(h.refcount_table_offset, len(self.reftable) * 8)
         self.check_bitmaps()
@@ -290,34 +275,27 @@ class _Checker:
             self.res.corruptions_fixed += 1
         return bool(fix & FIX_ERRORS)
 
-    def bitmap_directory(self) -> tuple[int, int, int]:
-        """(bitmaps, directory offset, size); qemu ignores bitmaps without autoclear bit 0."""
-        ext = self.h.extension(EXT_BITMAPS)
-        if ext is None or not self.h.autoclear_features & AUTOCLEAR_BITMAPS:
-            return 0, 0, 0
-        count, _, size, offset = struct.unpack(">IIQQ", ext.data[:24])
-        return count, offset, size
-
     def check_bitmaps(self) -> None:  # ref: qcow2_check_bitmaps_refcounts
-        count, dir_offset, dir_size = self.bitmap_directory()
-        if not count:
+        where = find_bitmap_directory(self.res.filename, self.h)
+        if where is None or not where.nb_bitmaps:
             return
-        self.inc(dir_offset, dir_size)
-        directory, pos = self.file.pread(dir_offset, dir_size), 0
-        for _ in range(count):
-            if pos + 24 > len(directory):  # bitmap_list_load fails: the check does too
-                self.res.corruptions += 1
-                raise _CheckAborted("Invalid argument")
-            table_offset, table_size = struct.unpack_from(">QI", directory, pos)
-            name_size, extra_size = struct.unpack_from(">HI", directory, pos + 18)
-            pos += _round_up(24 + extra_size + name_size, 8)
-            self.inc(table_offset, table_size * 8)
-            for entry in decode_u64_table(self.file.pread(table_offset, table_size * 8)):
-                offset = entry & BME_OFFSET_MASK
-                if entry & BME_RESERVED_MASK or (offset and (entry & BME_ALL_ONES or offset % self.cs)):
-                    self.res.corruptions += 1  # qemu counts these without a message
-                elif offset:
-                    self.inc(offset, self.cs)
+        self.inc(where.offset, where.size)
+        directory = self.file.pread(where.offset, where.size)
+        try:  # nothing else in this loop raises CorruptImage
+            for bitmap in bitmap_directory_entries(self.res.filename, directory, where.nb_bitmaps):
+                self.check_bitmap_table(bitmap.table_offset, bitmap.table_size)
+        except CorruptImage:  # bitmap_list_load fails: the check does too
+            self.res.corruptions += 1
+            raise _CheckAborted("Invalid argument") from None
+
+    def check_bitmap_table(self, table_offset: int, table_size: int) -> None:
+        self.inc(table_offset, table_size * 8)
+        for entry in decode_u64_table(self.file.pread(table_offset, table_size * 8)):
+            offset = entry & BME_OFFSET_MASK
+            if entry & BME_RESERVED_MASK or (offset and (entry & BME_ALL_ONES or offset % self.cs)):
+                self.res.corruptions += 1  # qemu counts these without a message
+            elif offset:
+                self.inc(offset, self.cs)
 
     def check_refblocks(self, fix: int) -> bool:  # ref: check_refblocks
         rebuild = False
@@ -442,11 +420,12 @@ class _Checker:
 
     def metadata(self) -> list[tuple[str, int, int]]:
         h, cs = self.h, self.cs
-        _, bitmaps_at, bitmaps_size = self.bitmap_directory()
+        bitmaps = find_bitmap_directory(self.res.filename, h)
+        bitmaps_at, bitmaps_size = (bitmaps.offset, bitmaps.size) if bitmaps else (0, 0)
         return ([("active L1 table", h.l1_table_offset, h.l1_size * 8),
                  ("refcount table", h.refcount_table_offset, len(self.reftable) * 8),
                  ("snapshot table", h.snapshots_offset, self.snapshots_size)]
-                + [("inactive L1 table", sn[2], sn[3] * 8) for sn in self.snapshots]
+                + [("inactive L1 table", sn.l1_table_offset, sn.l1_size * 8) for sn in self.snapshots]
                 + [("active L2 table", e & L1E_OFFSET_MASK, cs) for e in self.l1 if e & L1E_OFFSET_MASK]
                 + [("refcount block", e & REFT_OFFSET_MASK, cs) for e in self.reftable if e & REFT_OFFSET_MASK]
                 + [("bitmap directory", bitmaps_at, bitmaps_size)])

@@ -9,40 +9,43 @@ info. The keys and their presence follow qemu's `bdrv_query_image_info` and
 qemu-img 7.2 prints the keys in, so a caller that dumps the dict keeps
 qemu's layout.
 
-This module only reads. The small snapshot-table and bitmap-directory
-decoders below are read-only views for reporting; the subset never writes
-either structure.
+This module only reads. The snapshot table and the bitmap directory are
+decoded by `formats.qcow2_snapshots` and `formats.qcow2_bitmaps`; this module
+turns their values into qemu's keys.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import struct
 import time
 from typing import Any
 
+from imgchain.formats.qcow2_bitmaps import (
+    BME_FLAG_AUTO,
+    BME_FLAG_IN_USE,
+    bitmap_directory_entries,
+    find_bitmap_directory,
+)
 from imgchain.formats.qcow2_header import (
-    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
-    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
-    BitmapsExtension,
     Qcow2Header,
 )
+from imgchain.formats.qcow2_snapshots import Snapshot
 
 from .chain import open_image, protocol_of
 from .errors import BackingError, ImgchainError
 from .locks import ImageLockedError
 from .node import Node
+from .qcow2 import read_snapshot_table
 
 Info = dict[str, Any]
 
 SECTOR = 512
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-_NO_ICOUNT = (1 << 64) - 1
-_BITMAP_FLAGS = ((1 << 0, "in-use"), (1 << 1, "auto"))  # BME_FLAG_IN_USE, BME_FLAG_AUTO
+_BITMAP_FLAGS = ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +139,8 @@ def node_info(node: Node) -> Info:
     if driver.backing_file and driver.backing_format:
         info["backing-filename-format"] = driver.backing_format
     if header is not None and header.nb_snapshots:
-        info["snapshots"] = [_snapshot_info(s) for s in read_snapshots(driver.file, header)]  # type: ignore[attr-defined]
+        table = read_snapshot_table(driver.file, header, node.filename)  # type: ignore[attr-defined]
+        info["snapshots"] = [_snapshot_info(sn) for sn in table.snapshots]
     info["virtual-size"] = virtual_size(node)
     info["filename"] = node.filename
     if header is not None:
@@ -144,7 +148,8 @@ def node_info(node: Node) -> Info:
     info["format"] = node.format_name
     info["actual-size"] = driver.file.allocated_bytes()  # type: ignore[attr-defined]
     if header is not None:
-        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(driver.file, header)}  # type: ignore[attr-defined]
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(  # type: ignore[attr-defined]
+            driver.file, header, node.filename)}
     if driver.backing_file:
         info["full-backing-filename"] = full_backing_filename(node.filename, driver.backing_file)
         info["backing-filename"] = driver.backing_file
@@ -159,13 +164,13 @@ def virtual_size(node: Node) -> int:
     return node.size
 
 
-def _qcow2_specific(file: Any, header: Qcow2Header) -> Info:
+def _qcow2_specific(file: Any, header: Qcow2Header, filename: str) -> Info:
     data: Info = {
         "compat": "1.1",
         "compression-type": "zlib",
         "lazy-refcounts": bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS),
     }
-    bitmaps = _bitmap_infos(file, header)
+    bitmaps = _bitmap_infos(file, header, filename)
     if bitmaps is not None:
         data["bitmaps"] = bitmaps
     data["refcount-bits"] = header.refcount_bits
@@ -175,83 +180,39 @@ def _qcow2_specific(file: Any, header: Qcow2Header) -> Info:
 
 
 # ---------------------------------------------------------------------------
-# Internal snapshots (qcow2 spec "Snapshot table"), read-only
-
-_SNAPSHOT_HEAD = struct.Struct(">QIHHIIQII")  # 40 bytes
+# Internal snapshots and persistent bitmaps, as qemu reports them
 
 
-def read_snapshots(file: Any, header: Qcow2Header) -> list[dict[str, int | str]]:
-    """Decode the snapshot table: id, name, dates, clock, VM state size, icount."""
-    out: list[dict[str, int | str]] = []
-    offset = header.snapshots_offset
-    for _ in range(header.nb_snapshots):
-        offset = -(-offset // 8) * 8
-        head = file.pread(offset, _SNAPSHOT_HEAD.size)
-        (_l1_off, _l1_size, id_len, name_len, date_sec, date_nsec, vm_clock,
-         vm_state, extra_len) = _SNAPSHOT_HEAD.unpack(head)
-        offset += _SNAPSHOT_HEAD.size
-        rest = file.pread(offset, extra_len + id_len + name_len)
-        extra = rest[:extra_len]
-        if extra_len >= 8:
-            vm_state = int.from_bytes(extra[0:8], "big")
-        icount = int.from_bytes(extra[16:24], "big") if extra_len >= 24 else _NO_ICOUNT
-        out.append({
-            "id": rest[extra_len:extra_len + id_len].decode("utf-8", "replace"),
-            "name": rest[extra_len + id_len:].decode("utf-8", "replace"),
-            "date_sec": date_sec, "date_nsec": date_nsec, "vm_clock_nsec": vm_clock,
-            "vm_state_size": vm_state, "icount": icount,
-        })
-        offset += len(rest)
-    return out
-
-
-def _snapshot_info(sn: dict[str, int | str]) -> Info:
-    clock = int(sn["vm_clock_nsec"])
+def _snapshot_info(sn: Snapshot) -> Info:
     info: Info = {}
-    if sn["icount"] != _NO_ICOUNT:
-        info["icount"] = sn["icount"]
+    if sn.icount is not None:
+        info["icount"] = sn.icount
     info.update({
-        "vm-clock-nsec": clock % 1_000_000_000,
-        "name": sn["name"],
-        "date-sec": sn["date_sec"],
-        "date-nsec": sn["date_nsec"],
-        "vm-clock-sec": clock // 1_000_000_000,
-        "id": sn["id"],
-        "vm-state-size": sn["vm_state_size"],
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+        "name": sn.name,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+        "id": sn.id,
+        "vm-state-size": sn.vm_state_size,
     })
     return info
 
 
-# ---------------------------------------------------------------------------
-# Persistent bitmaps (qcow2 spec "Bitmaps extension"), read-only
-
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
-
-
-def _bitmap_infos(file: Any, header: Qcow2Header) -> list[Info] | None:
+def _bitmap_infos(file: Any, header: Qcow2Header, filename: str) -> list[Info] | None:
     """The `bitmaps` list qemu shows; None when qemu would show none.
 
     qemu ignores the extension when the autoclear bit is clear (a program
     without bitmap support wrote the image)."""
-    ext = header.extension(EXT_BITMAPS)
-    if ext is None or not header.autoclear_features & AUTOCLEAR_BITMAPS:
+    where = find_bitmap_directory(filename, header)
+    if where is None:
         return None
-    fields = BitmapsExtension.parse(ext.data)
-    directory = file.pread(fields.bitmap_directory_offset, fields.bitmap_directory_size)
-    out: list[Info] = []
-    pos = 0
-    for _ in range(fields.nb_bitmaps):
-        _table, _size, flags, _type, gran_bits, name_len, extra_len = \
-            _BITMAP_ENTRY.unpack_from(directory, pos)
-        name_at = pos + _BITMAP_ENTRY.size + extra_len
-        name = directory[name_at:name_at + name_len].decode("utf-8", "replace")
-        out.append({
-            "flags": [text for bit, text in _BITMAP_FLAGS if flags & bit],
-            "name": name,
-            "granularity": 1 << gran_bits,
-        })
-        pos = -(-(name_at + name_len) // 8) * 8
-    return out
+    directory = file.pread(where.offset, where.size)
+    return [{
+        "flags": [text for bit, text in _BITMAP_FLAGS if bitmap.flags & bit],
+        "name": bitmap.name,
+        "granularity": bitmap.granularity,
+    } for bitmap in bitmap_directory_entries(filename, directory, where.nb_bitmaps)]
 
 
 # ---------------------------------------------------------------------------

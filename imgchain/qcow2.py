@@ -24,8 +24,10 @@ from imgchain.formats.qcow2_header import (
     check_writable,
     parse_header,
 )
+from imgchain.formats.qcow2_snapshots import SnapshotTable, parse_snapshot_table, snapshot_table_size
 from imgchain.formats.qcow2_tables import (
     L2_ZERO_PLAIN,
+    L2E_OFFSET_MASK,
     QCOW_OFLAG_COPIED,
     ClusterType,
     Geometry,
@@ -60,6 +62,8 @@ _STATUS = {
     ClusterType.NORMAL: Status.DATA,
     ClusterType.COMPRESSED: Status.COMPRESSED,
 }
+# Below this host offset, adding one L2 table's worth of clusters cannot carry into the flag bits.
+_FAST_HOST_LIMIT = 1 << 55
 
 
 def read_header(file: BlockFile, filename: str) -> Qcow2Header:
@@ -69,6 +73,20 @@ def read_header(file: BlockFile, filename: str) -> Qcow2Header:
     if 12 < bits <= 21 and len(head) == 4096:
         head += file.pread(4096, (1 << bits) - 4096)
     return parse_header(filename, head)
+
+
+def read_snapshot_table(file: BlockFile, header: Qcow2Header, filename: str) -> SnapshotTable:
+    """Read and parse the internal snapshot table of an open qcow2 file.
+
+    The table's length shows only entry by entry, so this reads what
+    `snapshot_table_size` asks for, at least doubling what it has each time."""
+    data, count = b"", header.nb_snapshots
+    while (need := snapshot_table_size(data, count)) > len(data):
+        more = file.pread(header.snapshots_offset + len(data), max(need, 2 * len(data)) - len(data))
+        if not more:
+            break  # a short file: the parser names the entry it ends in
+        data += more
+    return parse_snapshot_table(filename, data, count)
 
 
 class Qcow2Driver:
@@ -149,37 +167,60 @@ class Qcow2Driver:
     # -- block status -----------------------------------------------------
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Merged extents covering [offset, offset+length) of this layer only."""
+        """Merged extents covering [offset, offset+length) of this layer only.
+
+        Adjacent clusters merge when their status is the same (not
+        COMPRESSED) and their host offsets continue (or neither has one).
+        Raises `CorruptImage` at the first unaligned L2 table or data cluster."""
         out: list[Extent] = []
         end = offset + length
-        cs = self.geo.cluster_size
-        pos = offset
         span = self.geo.l2_span
+        pos = offset
         while pos < end:
+            stop = min(end, (pos // span + 1) * span)
             _, table = self.l2_table(self.geo.l1_index(pos))
-            if table is None:  # a whole L2 range unallocated: skip it in one step
-                n = min(end, (pos // span + 1) * span) - pos
-                _append_extent(out, Extent(pos, n, Status.UNALLOCATED))
-                pos += n
-                continue
-            entry = table[self.geo.l2_index(pos)]
-            kind = classify_l2(entry)
-            n = min(end, (pos // cs + 1) * cs) - pos
-            host = self._host_for(entry, kind, pos)
-            _append_extent(out, Extent(pos, n, _STATUS[kind], host))
-            pos += n
+            if table is None:  # a whole L2 range unallocated: one step
+                _append_extent(out, Extent(pos, stop - pos, Status.UNALLOCATED))
+            else:
+                self._slice_status(out, table, pos, stop)
+            pos = stop
         return out
 
-    def _host_for(self, entry: int, kind: ClusterType, guest: int) -> int | None:
-        if kind is ClusterType.COMPRESSED:
-            return compressed_extent(entry, self.geo.cluster_bits).host_offset
-        host = l2_host_offset(entry)
-        if not host:
-            return None
-        if host % self.geo.cluster_size:
-            raise CorruptImage(self.filename, f"Cluster allocation offset {host:#x} unaligned "
-                                              f"(guest offset {guest:#x})")
-        return host + guest % self.geo.cluster_size
+    def _slice_status(self, out: list[Extent], table: array, start: int, stop: int) -> None:
+        """Append the extents of [start, stop), a range inside one L2 table.
+
+        One pass over the entries, making an Extent only where a run breaks.
+        `next_entry` is the entry that would continue the run with the same
+        flag bits (the next host cluster, or the same host-less entry), so
+        most entries cost one comparison; any other entry is classified."""
+        bits = self.geo.cluster_bits
+        cs = 1 << bits
+        first, index = start >> bits, self.geo.l2_index(start)
+        entries = table[index:index + ((stop - 1) >> bits) - first + 1]
+        run_start, run_status, run_host = start, None, 0
+        next_entry = step = -1
+        for i, entry in enumerate(entries):
+            if entry == next_entry:  # the run goes on, flag bits and all
+                next_entry += step
+                continue
+            host = entry & L2E_OFFSET_MASK
+            status = _STATUS[classify_l2(entry)]
+            expect = run_host + ((first + i - (run_start >> bits)) << bits) if run_host else 0
+            if status is not run_status or host != expect or status is Status.COMPRESSED:
+                at = max((first + i) << bits, start)
+                if run_status is not None:
+                    _append_extent(out, _run_extent(run_start, at, run_status, run_host, cs))
+                if status is Status.COMPRESSED:
+                    host = compressed_extent(entry, bits).host_offset
+                elif host % cs:
+                    raise CorruptImage(self.filename, f"Cluster allocation offset {host:#x} unaligned "
+                                                      f"(guest offset {at:#x})")
+                run_start, run_status, run_host = at, status, host
+            step = cs if host else 0
+            fast = status is not Status.COMPRESSED and host < _FAST_HOST_LIMIT
+            next_entry = entry + step if fast else -1
+        if run_status is not None:
+            _append_extent(out, _run_extent(run_start, stop, run_status, run_host, cs))
 
     def read_compressed(self, guest_offset: int) -> bytes:
         """The whole inflated guest cluster that holds guest_offset."""
@@ -356,6 +397,14 @@ class Qcow2Driver:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _run_extent(start: int, end: int, status: Status, host: int, cluster_size: int) -> Extent:
+    """The Extent of a run whose first cluster is at `host` (0: none; the
+    deflate stream's offset for a compressed cluster, kept as it is)."""
+    if status is Status.COMPRESSED:
+        return Extent(start, end - start, status, host)
+    return Extent(start, end - start, status, host + start % cluster_size if host else None)
 
 
 def _append_extent(out: list[Extent], ext: Extent) -> None:

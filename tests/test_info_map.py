@@ -31,11 +31,11 @@ from imgchain.info import (
     full_backing_filename,
     human_info,
     image_info,
-    read_snapshots,
     size_to_str,
 )
 from imgchain.locks import ImageLockedError
 from imgchain.map import MapError, human_map, map_chain
+from imgchain.qcow2 import read_snapshot_table
 
 from .conftest import FIXTURES, REPO, qemu_img, qemu_io, wait_until_write_locked
 
@@ -284,10 +284,10 @@ def test_snapshot_without_icount() -> None:
         cluster_bits=16, size=4 * MiB, l1_size=1, l1_table_offset=0x30000,
         refcount_table_offset=0x10000, refcount_table_clusters=1, nb_snapshots=1,
         snapshots_offset=0x60000)
-    snaps = read_snapshots(FakeFile(bytes(0x60000) + entry), header)
-    assert snaps == [{"id": "1", "name": "s1", "date_sec": 1700000000, "date_nsec": 5,
-                      "vm_clock_nsec": 3_723_456_000_000, "vm_state_size": 1 << 33,
-                      "icount": (1 << 64) - 1}]
+    table = read_snapshot_table(FakeFile(bytes(0x60000) + entry), header, "x.qcow2")  # type: ignore[arg-type]
+    assert [(s.id, s.name, s.date_sec, s.date_nsec, s.vm_clock_nsec, s.vm_state_size, s.icount)
+            for s in table.snapshots] == [("1", "s1", 1700000000, 5, 3_723_456_000_000, 1 << 33, None)]
+    assert table.size == len(entry)
 
 
 def test_persistent_bitmaps(cwd: Path) -> None:
