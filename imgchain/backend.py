@@ -86,10 +86,13 @@ class BlockBackend:
             node.write_zeroes(offset, length)
 
     async def flush(self) -> None:
-        """Make everything written so far durable (fdatasync in a worker thread)."""
+        """Make everything written so far durable. Metadata is written back on
+        the loop (it reads and changes the driver's state); only the final
+        fdatasync, which changes nothing in memory, goes to a worker thread."""
         async with self._request() as node:
             await self.debug.delay(node, "flush", 0, 0)
-            await trio.to_thread.run_sync(node.flush)
+            node.write_back()
+            await trio.to_thread.run_sync(node.sync_file)
 
     @property
     def size(self) -> int:

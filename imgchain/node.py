@@ -31,6 +31,7 @@ class Driver(Protocol):
     def block_status(self, offset: int, length: int) -> list[Extent]: ...
     def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: object) -> None: ...
     def write_zeroes(self, offset: int, length: int, read_below: object) -> None: ...
+    def write_back(self) -> None: ...
     def flush(self) -> None: ...
     def change_backing_file(self, name: str | None, fmt: str | None) -> None: ...
     def close(self) -> None: ...
@@ -145,7 +146,18 @@ class Node:
             self.driver.write_zeroes(offset, length, self.read_below)
 
     def flush(self) -> None:
+        """Make everything written to this node durable."""
         self.driver.flush()
+
+    def write_back(self) -> None:
+        """Issue pending metadata writes in crash-safe order, without the final sync."""
+        self.driver.write_back()
+
+    def sync_file(self) -> None:
+        """The final fdatasync of a flush: touches no in-memory state, so it may
+        run in a worker thread while requests go on."""
+        if self.writable:
+            self.driver.file.flush()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.driver.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from array import array
 from typing import Callable
 
-from imgchain.formats import CorruptImage, ReadOnlyImage
+from imgchain.formats import CorruptImage
 from imgchain.formats.qcow2_header import (
     AUTOCLEAR_BITMAPS,
     EXT_BITMAPS,
@@ -47,6 +47,7 @@ from .blockfile import BlockFile
 from .errors import ImageIOError
 from .extent import Extent, Status
 from .metacache import MetadataCache
+from .qcow2_pending import PendingMetadata
 from .qcow2_refcount import RefcountManager
 
 ReadBelow = Callable[[int, int], bytes]
@@ -54,6 +55,7 @@ ReadBelow = Callable[[int, int], bytes]
 
 AUTOCLEAR_OFFSET = 88
 L2_CACHE_BYTES = 32 * 1024 * 1024
+MAX_DIRTY_TABLES = 256  # write back early when this many L2 tables are dirty
 
 _STATUS = {
     ClusterType.UNALLOCATED: Status.UNALLOCATED,
@@ -104,6 +106,7 @@ class Qcow2Driver:
             file.pread(self.header.l1_table_offset, self.header.l1_size * 8))
         self.l2_cache: MetadataCache[array] = MetadataCache(L2_CACHE_BYTES // self.geo.cluster_size)
         self.refcounts: RefcountManager | None = None
+        self.pending = PendingMetadata()
         self.ordered = True  # issue barriers between dependent writes
         if file.writable:
             check_writable(filename, self.header)
@@ -158,7 +161,8 @@ class Qcow2Driver:
         if offset % self.geo.cluster_size:
             raise CorruptImage(self.filename,
                                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
-        return offset, self.l2_cache.get(offset, self._load_l2)
+        dirty = self.pending.table(offset)
+        return offset, dirty if dirty is not None else self.l2_cache.get(offset, self._load_l2)
 
     def l2_entry(self, guest_offset: int) -> int:
         _, table = self.l2_table(self.geo.l1_index(guest_offset))
@@ -247,11 +251,10 @@ class Qcow2Driver:
         refcounts = self._require_writable()
         offset = refcounts.allocate(1)
         table = array("Q", bytes(self.geo.cluster_size))
-        self.file.pwrite(offset, bytes(self.geo.cluster_size))
-        self.barrier()  # new L2 before L1
         self.l2_cache.put(offset, table)
+        self.pending.mark_l2(offset, table, 0, len(table) - 1)  # a new table is written whole
         self.l1[l1_index] = l1_entry(offset)
-        self.file.pwrite(self.header.l1_table_offset + 8 * l1_index, encode_u64(self.l1[l1_index]))
+        self.pending.l1.add(l1_index)
         return offset, table
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: ReadBelow) -> None:
@@ -299,9 +302,8 @@ class Qcow2Driver:
                 dropped.append(entry)
         _pwrite_merged(self.file, writes)
         if updates:
-            self.barrier()  # data and COW before L2
             self._update_l2(l2_offset, table, updates)
-        self._drop_clusters(dropped)
+        self.pending.unlinked.extend(dropped)
 
     @staticmethod
     def _in_place(entry: int) -> bool:
@@ -319,17 +321,33 @@ class Qcow2Driver:
         return bytes(cs)
 
     def _update_l2(self, l2_offset: int, table: array, updates: dict[int, int]) -> None:
+        """Change entries in memory; the file gets them at the next flush."""
         for i, e in updates.items():
             table[i] = e
-        lo, hi = min(updates), max(updates)
-        self.file.pwrite(l2_offset + 8 * lo, encode_u64_table(table[lo:hi + 1]))
+        self.pending.mark_l2(l2_offset, table, min(updates), max(updates))
+        if len(self.pending.l2) > MAX_DIRTY_TABLES:
+            self.write_back()
+
+    def write_back(self) -> None:
+        """Write pending metadata in crash-safe order (qcow2_pending); the
+        caller's flush of the file then makes it durable."""
+        if not self.pending:
+            return
+        work = self.pending.take()
+        self.barrier()  # data and COW before the L2 entries that point to them
+        for offset, dirty in sorted(work.l2.items()):
+            self.file.pwrite(offset + 8 * dirty.lo, encode_u64_table(dirty.table[dirty.lo:dirty.hi + 1]))
+        if work.l1:
+            self.barrier()  # new L2 tables before the L1 entries that point to them
+            for i in sorted(work.l1):
+                self.file.pwrite(self.header.l1_table_offset + 8 * i, encode_u64(self.l1[i]))
+        if work.unlinked:
+            self.barrier()  # unlink before free
+            self._drop_clusters(work.unlinked)
 
     def _drop_clusters(self, entries: list[int]) -> None:
         """Free the host clusters of unlinked entries (after the unlink is durable)."""
         refcounts = self._require_writable()
-        if not entries:
-            return
-        self.barrier()
         cs = self.geo.cluster_size
         for entry in entries:
             if classify_l2(entry) is ClusterType.COMPRESSED:
@@ -376,10 +394,12 @@ class Qcow2Driver:
                 dropped.append(entry)
         if updates:
             self._update_l2(l2_offset, table, updates)
-        self._drop_clusters(dropped)
+        self.pending.unlinked.extend(dropped)
 
     def flush(self) -> None:
+        """Everything written so far becomes durable (metadata written back first)."""
         if self.file.writable:
+            self.write_back()
             self.file.flush()
 
     def change_backing_file(self, name: str | None, fmt: str | None) -> None:
@@ -396,7 +416,14 @@ class Qcow2Driver:
         self.header.backing_format = new.backing_format
 
     def close(self) -> None:
-        self.file.close()
+        """Flush, give back unused reserved clusters, and close the file."""
+        try:
+            if self.refcounts is not None and self.file.fd >= 0:
+                self.flush()
+                self.refcounts.release_reserve()
+                self.file.flush()
+        finally:
+            self.file.close()
 
 
 def _run_extent(start: int, end: int, status: Status, host: int, cluster_size: int) -> Extent:

@@ -45,6 +45,10 @@ class RefcountManager:
         self.blocks: MetadataCache[array | list[int]] = MetadataCache(64)
         # Invariant: no cluster below free_hint has refcount 0.
         self.free_hint = 0
+        # Invariant: reserve holds runs [start, count] with a durable refcount of 1
+        # that nothing references yet; allocate() hands them out first.
+        self.reserve: list[list[int]] = []
+        self.batch = max(1, min(256, (4 << 20) >> header.cluster_bits))
 
     # -- reading ----------------------------------------------------------
 
@@ -123,19 +127,49 @@ class RefcountManager:
     # -- allocation -------------------------------------------------------
 
     def allocate(self, count: int) -> int:
-        """Allocate `count` contiguous clusters with refcount 1, durable before
-        return. Returns the host offset of the first."""
+        """Hand out `count` contiguous clusters whose refcount of 1 is already
+        durable. Returns the host offset of the first.
+
+        Refcounts are raised for a batch at a time with one barrier (§9), so
+        a crash can only leak the unused rest of the batch."""
+        for run in self.reserve:
+            if run[1] >= count:
+                start = run[0]
+                run[0] += count
+                run[1] -= count
+                if not run[1]:
+                    self.reserve.remove(run)
+                return start * self.geo.cluster_size
+        start, size = self._reserve(count)
+        if size > count:
+            self.reserve.append([start + count, size - count])
+        return start * self.geo.cluster_size
+
+    def _reserve(self, count: int) -> tuple[int, int]:
+        """First-fit run of `count` free clusters, extended with the free
+        clusters right after it up to a batch; refcounts raised, durable."""
         while True:
             start = self._find_free(count)
             missing = self._first_missing_block(start, count)
             if missing is None:
                 break
             self._alloc_block(missing)  # it may take a cluster of the run: search again
-        self.set_range(start, count, 1)
+        limit = min(start + max(count, self.batch),
+                    (self.geo.reftable_index(start + count - 1) + 1) * self.geo.refblock_entries)
+        end = start + count
+        while end < limit and self._is_free(end):
+            end += 1
+        self.set_range(start, end - start, 1)
         self.barrier()
         if start == self.free_hint:
-            self.free_hint = start + count
-        return start * self.geo.cluster_size
+            self.free_hint = end
+        return start, end - start
+
+    def release_reserve(self) -> None:
+        """Give back reserved clusters nothing uses (at close)."""
+        for start, count in self.reserve:
+            self.set_range(start, count, 0)
+        self.reserve = []
 
     def _first_missing_block(self, start: int, count: int) -> int | None:
         for idx in range(self.geo.reftable_index(start), self.geo.reftable_index(start + count - 1) + 1):

@@ -76,6 +76,9 @@ class RawDriver:
         if not self.file.writable:
             raise ImageIOError(f"{self.filename}: image is opened read-only", errno.EROFS)
 
+    def write_back(self) -> None:
+        """Raw images keep no metadata in memory."""
+
     def flush(self) -> None:
         if self.file.writable:
             self.file.flush()
