@@ -13,6 +13,7 @@ import sys
 import zlib
 from array import array
 from dataclasses import dataclass
+from functools import cached_property
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
@@ -106,20 +107,20 @@ class Geometry:
     cluster_bits: int
     refcount_order: int = 4
 
-    @property
+    @cached_property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    @property
+    @cached_property
     def l2_entries(self) -> int:
         return self.cluster_size // 8
 
-    @property
+    @cached_property
     def l2_span(self) -> int:
         """Guest bytes covered by one L2 table."""
         return self.cluster_size * self.l2_entries
 
-    @property
+    @cached_property
     def refblock_entries(self) -> int:
         return self.cluster_size * 8 >> self.refcount_order
 

@@ -28,7 +28,7 @@ class Driver(Protocol):
     backing_file: str | None
     backing_format: str | None
 
-    def block_status(self, offset: int, length: int) -> list[Extent]: ...
+    def block_status(self, offset: int, length: int, want_zero: bool = True) -> list[Extent]: ...
     def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: object) -> None: ...
     def write_zeroes(self, offset: int, length: int, read_below: object) -> None: ...
     def write_back(self) -> None: ...
@@ -89,11 +89,17 @@ class Node:
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest-visible bytes of this node (its chain), zeros past its end."""
-        out = bytearray(length)
         inside = max(0, min(length, self.size - offset))
-        if inside:
-            for ext in self.driver.block_status(offset, inside):
-                self._read_extent(ext, out, ext.guest_offset - offset)
+        extents = self.driver.block_status(offset, inside, want_zero=False) if inside else []
+        if inside == length and len(extents) == 1:  # one extent: no assembly buffer
+            ext = extents[0]
+            if ext.status is Status.DATA:
+                return self.driver.file.pread(ext.host_offset, length)  # type: ignore[attr-defined]
+            if ext.status is Status.UNALLOCATED:
+                return self.read_below(offset, length)
+        out = bytearray(length)
+        for ext in extents:
+            self._read_extent(ext, out, ext.guest_offset - offset)
         return bytes(out)
 
     def _read_extent(self, ext: Extent, out: bytearray, at: int) -> None:

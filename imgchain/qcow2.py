@@ -28,6 +28,7 @@ from imgchain.formats.qcow2_snapshots import SnapshotTable, parse_snapshot_table
 from imgchain.formats.qcow2_tables import (
     L2_ZERO_PLAIN,
     L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     ClusterType,
     Geometry,
@@ -55,6 +56,7 @@ ReadBelow = Callable[[int, int], bytes]
 
 AUTOCLEAR_OFFSET = 88
 L2_CACHE_BYTES = 32 * 1024 * 1024
+_IN_PLACE_MASK = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | 1  # NORMAL with COPIED, not zero
 MAX_DIRTY_TABLES = 256  # write back early when this many L2 tables are dirty
 
 _STATUS = {
@@ -170,12 +172,15 @@ class Qcow2Driver:
 
     # -- block status -----------------------------------------------------
 
-    def block_status(self, offset: int, length: int) -> list[Extent]:
+    def block_status(self, offset: int, length: int, want_zero: bool = True) -> list[Extent]:
         """Merged extents covering [offset, offset+length) of this layer only.
 
         Adjacent clusters merge when their status is the same (not
         COMPRESSED) and their host offsets continue (or neither has one).
         Raises `CorruptImage` at the first unaligned L2 table or data cluster."""
+        bits = self.geo.cluster_bits
+        if length and offset >> bits == (offset + length - 1) >> bits:  # one cluster: the hot path
+            return [self._cluster_status(offset, length)]
         out: list[Extent] = []
         end = offset + length
         span = self.geo.l2_span
@@ -226,6 +231,19 @@ class Qcow2Driver:
         if run_status is not None:
             _append_extent(out, _run_extent(run_start, stop, run_status, run_host, cs))
 
+    def _cluster_status(self, offset: int, length: int) -> Extent:
+        entry = self.l2_entry(offset)
+        kind = classify_l2(entry)
+        if kind is ClusterType.COMPRESSED:
+            return Extent(offset, length, Status.COMPRESSED, compressed_extent(entry, self.geo.cluster_bits).host_offset)
+        host = entry & L2E_OFFSET_MASK
+        if not host:
+            return Extent(offset, length, _STATUS[kind])
+        if host % self.geo.cluster_size:
+            raise CorruptImage(self.filename, f"Cluster allocation offset {host:#x} unaligned "
+                                              f"(guest offset {offset & ~(self.geo.cluster_size - 1):#x})")
+        return Extent(offset, length, _STATUS[kind], host + (offset & (self.geo.cluster_size - 1)))
+
     def read_compressed(self, guest_offset: int) -> bytes:
         """The whole inflated guest cluster that holds guest_offset."""
         entry = self.l2_entry(guest_offset)
@@ -260,6 +278,12 @@ class Qcow2Driver:
     def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: ReadBelow) -> None:
         """Write guest data; partial clusters are completed from below (COW)."""
         self._require_writable()
+        cs = self.geo.cluster_size
+        if data and offset // cs == (offset + len(data) - 1) // cs:  # hot path: in place
+            entry = self.l2_entry(offset)
+            if entry & _IN_PLACE_MASK == QCOW_OFLAG_COPIED and entry & L2E_OFFSET_MASK:
+                self.file.pwrite((entry & L2E_OFFSET_MASK) + offset % cs, data)
+                return
         view = memoryview(data)
         span = self.geo.l2_span
         pos = 0

@@ -30,8 +30,11 @@ class RawDriver:
         self.filename = filename
         self.size = -(-file.size() // 512) * 512  # QEMU counts whole sectors
 
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Data extents at their own offsets; holes of a sparse file as zero."""
+    def block_status(self, offset: int, length: int, want_zero: bool = True) -> list[Extent]:
+        """Data extents at their own offsets; holes of a sparse file as zero
+        (looked up only when `want_zero`: a plain read needs no lseek)."""
+        if not want_zero and offset + length <= self.size:
+            return [Extent(offset, length, Status.DATA, offset)]
         end = min(offset + length, self.size)
         out: list[Extent] = []
         pos = offset
