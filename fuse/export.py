@@ -26,20 +26,25 @@ log = logging.getLogger("imgchain.fuse")
 T = TypeVar("T")
 
 
+def _fuse_error(exc: BaseException, what: str) -> pyfuse3.FUSEError:
+    """The errno a failed core call answers with (EIO when unexpected), logged."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, ImageIOError):
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    if isinstance(exc, OSError):
+        log.warning("%s: %s", what, exc)
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    log.error("%s failed", what, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 async def _translated(what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Run a core call, mapping every error to a FUSEError (EIO when unexpected)."""
+    """Run a core call, mapping every error to a FUSEError."""
     try:
         return await call()
-    except pyfuse3.FUSEError:
-        raise
-    except ImageIOError as exc:
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-    except OSError as exc:
-        log.warning("%s: %s", what, exc)
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-    except Exception:  # noqa: BLE001 - nothing may escape a FUSE handler
-        log.exception("%s failed", what)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+    except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler
+        raise _fuse_error(exc, what) from None
 
 
 class BlockExport(pyfuse3.Operations):
@@ -119,7 +124,10 @@ class BlockExport(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _translated(f"read {off}+{size}", lambda: self.backend.read(off, size))
+        try:  # inline rather than _translated: this is the hottest path
+            return await self.backend.read(off, size)
+        except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler
+            raise _fuse_error(exc, f"read {off}+{size}") from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.read_only:
@@ -127,8 +135,11 @@ class BlockExport(pyfuse3.Operations):
         size = self.backend.size
         if off >= size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        data = memoryview(buf)[:size - off]
-        await _translated(f"write {off}+{len(data)}", lambda: self.backend.write(off, data))
+        data = buf if off + len(buf) <= size else memoryview(buf)[:size - off]
+        try:
+            await self.backend.write(off, data)
+        except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler
+            raise _fuse_error(exc, f"write {off}+{len(data)}") from None
         self.mtime_ns = time.time_ns()
         return len(data)
 
