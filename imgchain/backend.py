@@ -14,12 +14,15 @@ DESIGN.md measures); only flushes and injected delays await.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 import trio
 
 from .blkdebug import BlkDebug
 from .node import Node
+
+
+MAP_LIMIT = 1 << 20  # resolved clusters kept before the map starts over
 
 
 class BlockDevOps(Protocol):
@@ -51,6 +54,12 @@ class BlockBackend:
         self._idle.set()
         self._resumed = trio.Event()
         self._resumed.set()
+        # Guest cluster -> (file, host offset) of the data a read of it finds,
+        # resolved through the chain once. Invariant: an entry is dropped
+        # before anything can change where that cluster's data lives (a write
+        # through this backend, or invalidate_map() around graph changes).
+        self._map: dict[int, tuple[Any, int]] = {}
+        self._map_bits = (root.driver.cluster_size or 65536).bit_length() - 1
 
     # -- requests ---------------------------------------------------------
 
@@ -89,9 +98,39 @@ class BlockBackend:
             length = max(0, min(length, node.size - offset))
             if self.debug.rules:
                 await self.debug.delay(node, "read", offset, length)
+            elif length and offset >> self._map_bits == (offset + length - 1) >> self._map_bits:
+                hit = self._mapped(offset)
+                if hit is not None:
+                    return hit[0].pread(hit[1], length)
             return node.read(offset, length)
         finally:
             self._end()
+
+    def _mapped(self, offset: int) -> tuple[Any, int] | None:
+        """(file, host offset) for a read inside one cluster, from the map or resolved now."""
+        index = offset >> self._map_bits
+        start = index << self._map_bits
+        hit = self._map.get(index)
+        if hit is None:
+            hit = self.root.resolve(start, min(1 << self._map_bits, self.root.size - start))
+            if hit is None:
+                return None
+            if len(self._map) >= MAP_LIMIT:
+                self._map.clear()
+            self._map[index] = hit
+        return hit[0], hit[1] + offset - start
+
+    def _unmap(self, offset: int, length: int) -> None:
+        first, last = offset >> self._map_bits, (offset + max(length, 1) - 1) >> self._map_bits
+        if last - first > 64:
+            self._map.clear()
+        else:
+            for index in range(first, last + 1):
+                self._map.pop(index, None)
+
+    def invalidate_map(self) -> None:
+        """Forget every resolved cluster (call before the chain's layout changes)."""
+        self._map.clear()
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Guest write into the root node (copy-on-write from below)."""
@@ -102,6 +141,7 @@ class BlockBackend:
         try:
             if self.debug.rules:
                 await self.debug.delay(node, "write", offset, len(data))
+            self._unmap(offset, len(data))
             node.write(offset, data)
         finally:
             self._end()
@@ -109,6 +149,7 @@ class BlockBackend:
     async def write_zeroes(self, offset: int, length: int) -> None:
         async with self._request() as node:
             await self.debug.delay(node, "write", offset, length)
+            self._unmap(offset, length)
             node.write_zeroes(offset, length)
 
     async def flush(self) -> None:

@@ -112,6 +112,21 @@ class Node:
             start = ext.guest_offset % len(cluster)
             out[at:at + ext.length] = cluster[start:start + ext.length]
 
+    def resolve(self, offset: int, length: int) -> tuple[object, int] | None:
+        """(file, host offset) when the whole range is one run of data in one
+        image file of the chain; None when it is not (zeros, compressed, split)."""
+        node: Node | None = self
+        while node is not None and offset + length <= node.size:
+            extents = node.driver.block_status(offset, length, want_zero=False)
+            if len(extents) != 1:
+                return None
+            if extents[0].status is Status.DATA:
+                return node.driver.file, extents[0].host_offset  # type: ignore[attr-defined]
+            if extents[0].status is not Status.UNALLOCATED:
+                return None
+            node = node.backing_node
+        return None
+
     def reads_as_zero(self, offset: int, length: int) -> bool:
         """Does block status alone (no data read) show the range as zeros?"""
         inside = max(0, min(length, self.size - offset))

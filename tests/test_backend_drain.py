@@ -125,3 +125,19 @@ def test_qmp_session_reassembles_split_input() -> None:
     out = session.feed(b'{"a": ]}\n{"execute": "y"}\n')
     assert out[0][0] == "reply" and out[0][1]["error"]["class"] == "GenericError"
     assert out[1] == {"execute": "y"}
+
+
+async def test_resolved_cluster_map_follows_writes(backend: BlockBackend) -> None:
+    """Reads resolve a cluster's location once; writes and zero writes move it."""
+    assert await backend.read(4096, 100) == b"\xaa" * 100          # resolved to base.raw
+    assert backend._map
+    await backend.write(4096, b"\x01" * 10)                         # COW into top
+    assert await backend.read(4096, 100) == b"\x01" * 10 + b"\xaa" * 90
+    await backend.write_zeroes(0, 3 * 4096)                          # zero clusters hide base
+    assert await backend.read(4096, 100) == bytes(100)
+    await backend.write(4096 + 50, b"\x02")                          # reallocated cluster
+    assert await backend.read(4096, 100) == bytes(50) + b"\x02" + bytes(49)
+    for off in range(0, 1 << 20, 65536):                             # every cluster, then again
+        assert await backend.read(off, 4096) == backend.root.read(off, 4096)
+    backend.invalidate_map()
+    assert not backend._map
