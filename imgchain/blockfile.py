@@ -37,6 +37,15 @@ class BlockFile:
             data += more
         return data
 
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        """Read into a buffer; whatever lies past EOF is left as it is (zeros)."""
+        while view:
+            done = os.preadv(self.fd, [view], offset)
+            if not done:
+                return
+            view = view[done:]
+            offset += done
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:

@@ -98,19 +98,32 @@ class Node:
             if ext.status is Status.UNALLOCATED:
                 return self.read_below(offset, length)
         out = bytearray(length)
-        for ext in extents:
-            self._read_extent(ext, out, ext.guest_offset - offset)
+        self._fill(offset, memoryview(out), extents)
         return bytes(out)
 
-    def _read_extent(self, ext: Extent, out: bytearray, at: int) -> None:
-        if ext.status is Status.DATA:
-            out[at:at + ext.length] = self.driver.file.pread(ext.host_offset, ext.length)  # type: ignore[attr-defined]
-        elif ext.status is Status.UNALLOCATED:
-            out[at:at + ext.length] = self.read_below(ext.guest_offset, ext.length)
-        elif ext.status is Status.COMPRESSED:
-            cluster = self.driver.read_compressed(ext.guest_offset)  # type: ignore[attr-defined]
-            start = ext.guest_offset % len(cluster)
-            out[at:at + ext.length] = cluster[start:start + ext.length]
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill a zero-filled buffer with this node's guest bytes at offset.
+
+        Every layer reads straight into the caller's buffer (one copy per
+        byte, however deep the chain); ranges that read as zeros are skipped."""
+        inside = max(0, min(len(view), self.size - offset))
+        if inside:
+            self._fill(offset, view, self.driver.block_status(offset, inside, want_zero=False))
+
+    def _fill(self, offset: int, view: memoryview, extents: list[Extent]) -> None:
+        for ext in extents:
+            at = ext.guest_offset - offset
+            part = view[at:at + ext.length]
+            if ext.status is Status.DATA:
+                self.driver.file.pread_into(ext.host_offset, part)  # type: ignore[attr-defined]
+            elif ext.status is Status.UNALLOCATED:
+                below = self.backing_node
+                if below is not None:
+                    below.read_into(ext.guest_offset, part)
+            elif ext.status is Status.COMPRESSED:
+                cluster = self.driver.read_compressed(ext.guest_offset)  # type: ignore[attr-defined]
+                start = ext.guest_offset % len(cluster)
+                part[:] = cluster[start:start + ext.length]
 
     def resolve(self, offset: int, length: int) -> tuple[object, int] | None:
         """(file, host offset) when the whole range is one run of data in one
