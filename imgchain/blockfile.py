@@ -53,6 +53,13 @@ class BlockFile:
             view = view[done:]
             offset += done
 
+    def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Write several buffers back to back without joining them first."""
+        total = sum(len(p) for p in parts)
+        done = os.pwritev(self.fd, parts, offset)
+        if done < total:  # a short write: finish the rest the simple way
+            self.pwrite(offset + done, b"".join(bytes(p) for p in parts)[done:])
+
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 

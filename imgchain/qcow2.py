@@ -487,4 +487,7 @@ def _pwrite_merged(file: BlockFile, writes: list[tuple[int, bytes | memoryview]]
             parts.append(writes[i][1])
             end += len(writes[i][1])
             i += 1
-        file.pwrite(start, parts[0] if len(parts) == 1 else b"".join(parts))
+        if len(parts) == 1:
+            file.pwrite(start, parts[0])
+        else:
+            file.pwritev(start, parts)

@@ -128,10 +128,10 @@ class RefcountManager:
 
     def allocate(self, count: int) -> int:
         """Hand out `count` contiguous clusters whose refcount of 1 is already
-        durable. Returns the host offset of the first.
-
-        Refcounts are raised for a batch at a time with one barrier (§9), so
-        a crash can only leak the unused rest of the batch."""
+        issued; it is durable before anything on disk points at them, because
+        every write-back of L2/L1 entries starts with a barrier. Returns the
+        host offset of the first. Refcounts are raised for a batch at a time
+        (§9), so a crash can only leak the unused rest of the batch."""
         for run in self.reserve:
             if run[1] >= count:
                 start = run[0]
@@ -159,8 +159,9 @@ class RefcountManager:
         end = start + count
         while end < limit and self._is_free(end):
             end += 1
+        # No barrier here: nothing on disk points at these clusters before the
+        # next write-back, and that starts with a barrier (qcow2_pending).
         self.set_range(start, end - start, 1)
-        self.barrier()
         if start == self.free_hint:
             self.free_hint = end
         return start, end - start
