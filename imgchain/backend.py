@@ -50,8 +50,9 @@ class BlockBackend:
         self.in_flight = 0
         # Invariant: quiesce_counter > 0 exactly while some drain is active.
         self.quiesce_counter = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        # Invariant: _idle_waiter is set (and dropped) when in_flight drops to 0;
+        # it exists only while a drain waits, so requests create no events.
+        self._idle_waiter: trio.Event | None = None
         self._resumed = trio.Event()
         self._resumed.set()
         # Guest cluster -> (file, host offset) of the data a read of it finds,
@@ -69,13 +70,12 @@ class BlockBackend:
 
     def _begin(self) -> None:
         self.in_flight += 1
-        if self.in_flight == 1:
-            self._idle = trio.Event()
 
     def _end(self) -> None:
         self.in_flight -= 1
-        if not self.in_flight:
-            self._idle.set()
+        if not self.in_flight and self._idle_waiter is not None:
+            self._idle_waiter.set()
+            self._idle_waiter = None
 
     @asynccontextmanager
     async def _request(self) -> AsyncIterator[Node]:
@@ -193,7 +193,9 @@ class BlockBackend:
         """Wait until nothing is in flight (event-driven)."""
         while self.drained_poll():
             if self.in_flight:
-                await self._idle.wait()
+                if self._idle_waiter is None:
+                    self._idle_waiter = trio.Event()
+                await self._idle_waiter.wait()
             else:
                 await trio.sleep(0)
 
