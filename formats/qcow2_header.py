@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from construct import Bytes, Const, Int8ub, Int32ub, Int64ub, PaddedString, Struct
+from construct import Const, Int8ub, Int32ub, Int64ub, PaddedString, Struct
 
 from .errors import CorruptImage, NotQcow2, ReadOnlyImage, UnsupportedFeature
 

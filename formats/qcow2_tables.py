@@ -91,11 +91,6 @@ def encode_refcount16(block: array) -> bytes:
     return copy.tobytes()
 
 
-def encode_refcount(value: int, order: int) -> bytes:
-    """One refcount entry of width >= 8 bits (writes use order 4 only)."""
-    return value.to_bytes((1 << order) // 8, "big")
-
-
 # ---------------------------------------------------------------------------
 # Geometry
 
@@ -142,9 +137,6 @@ class Geometry:
     def clusters(self, nbytes: int) -> int:
         """Clusters needed to hold nbytes."""
         return -(-nbytes // self.cluster_size)
-
-    def align_down(self, offset: int) -> int:
-        return offset & ~(self.cluster_size - 1)
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from array import array
 from imgchain.formats.qcow2_header import Qcow2Header, build_cluster0
 from imgchain.formats.qcow2_tables import Geometry, encode_refcount16, encode_u64_table
 
-from .chain import open_backing_chain, open_image, protocol_of, resolve_backing_name
+from .chain import open_backing_chain, protocol_of, resolve_backing_name
 from .errors import ImgchainError
 
 DEFAULT_CLUSTER_SIZE = 65536
@@ -115,11 +115,3 @@ def create_image(path: str, fmt: str = "qcow2", size: int | None = None,
         opts.update(backing_file=backing_file, backing_fmt=backing_format)
     return opts
 
-
-def image_format(path: str) -> str:
-    """The probed format of an existing image."""
-    node = open_image(path, False)
-    try:
-        return node.format_name
-    finally:
-        node.close()

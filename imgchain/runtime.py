@@ -109,19 +109,3 @@ def find_by_mountpoint(mountpoint: str) -> MountRecord | None:
     target = os.path.realpath(mountpoint)
     return next((r for r in live_records() if os.path.realpath(r.mountpoint) == target), None)
 
-
-def find_by_image(image: str) -> MountRecord | None:
-    """The mount whose chain contains `image` (by device and inode)."""
-    try:
-        st = os.stat(image)
-    except OSError:
-        return None
-    for record in live_records():
-        for node in record.nodes:
-            try:
-                other = os.stat(node["file"])
-            except (OSError, KeyError):
-                continue
-            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                return record
-    return None
