@@ -123,7 +123,7 @@ class BlockExport(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         try:  # inline rather than _translated: this is the hottest path
             return await self.backend.read(off, size)
         except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler

@@ -60,6 +60,9 @@ class BlockBackend:
         # before anything can change where that cluster's data lives (a write
         # through this backend, or invalidate_map() around graph changes).
         self._map: dict[int, tuple[Any, int]] = {}
+        # Guest cluster -> host offset in the root's file where a write to it
+        # lands in place (no allocation, no copy). Same invariant as _map.
+        self._in_place: dict[int, int] = {}
         self._map_bits = (root.driver.cluster_size or 65536).bit_length() - 1
 
     # -- requests ---------------------------------------------------------
@@ -86,7 +89,7 @@ class BlockBackend:
         finally:
             self._end()
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest read; clamped to the virtual size like a block device read."""
         # The hot paths spell out _request: an async context manager costs
         # several microseconds per call, a third of the budget per request.
@@ -123,14 +126,16 @@ class BlockBackend:
     def _unmap(self, offset: int, length: int) -> None:
         first, last = offset >> self._map_bits, (offset + max(length, 1) - 1) >> self._map_bits
         if last - first > 64:
-            self._map.clear()
+            self.invalidate_map()
         else:
             for index in range(first, last + 1):
                 self._map.pop(index, None)
+                self._in_place.pop(index, None)
 
     def invalidate_map(self) -> None:
         """Forget every resolved cluster (call before the chain's layout changes)."""
         self._map.clear()
+        self._in_place.clear()
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Guest write into the root node (copy-on-write from below)."""
@@ -141,10 +146,35 @@ class BlockBackend:
         try:
             if self.debug.rules:
                 await self.debug.delay(node, "write", offset, len(data))
+            elif self._write_in_place(offset, data):
+                return
             self._unmap(offset, len(data))
             node.write(offset, data)
+            self._note_in_place(offset, len(data))
         finally:
             self._end()
+
+    def _write_in_place(self, offset: int, data: bytes | memoryview) -> bool:
+        """Write a request inside one cluster whose place in the root's file is
+        known; False when it is not (the caller takes the full path)."""
+        index = offset >> self._map_bits
+        host = self._in_place.get(index)
+        if host is None or not data or (offset + len(data) - 1) >> self._map_bits != index:
+            return False
+        if offset + len(data) > self.root.size:
+            return False
+        self.root.driver.file.pwrite(host + offset - (index << self._map_bits), data)
+        return True
+
+    def _note_in_place(self, offset: int, length: int) -> None:
+        """After a write inside one cluster, remember where it now lives."""
+        index = offset >> self._map_bits
+        if length and (offset + length - 1) >> self._map_bits == index:
+            host = self.root.driver.in_place_host(index << self._map_bits)
+            if host is not None:
+                if len(self._in_place) >= MAP_LIMIT:
+                    self._in_place.clear()
+                self._in_place[index] = host
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         async with self._request() as node:

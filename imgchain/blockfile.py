@@ -11,6 +11,8 @@ import os
 
 from .locks import Perms, apply_locks
 
+IOV_MAX = 1024  # buffers one pwritev call takes (Linux's UIO_MAXIOV)
+
 
 class BlockFile:
     """One opened image file, holding QEMU's lock bytes for `lock` (held, shared)."""
@@ -55,10 +57,13 @@ class BlockFile:
 
     def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
         """Write several buffers back to back without joining them first."""
-        total = sum(len(p) for p in parts)
-        done = os.pwritev(self.fd, parts, offset)
-        if done < total:  # a short write: finish the rest the simple way
-            self.pwrite(offset + done, b"".join(bytes(p) for p in parts)[done:])
+        for i in range(0, len(parts), IOV_MAX):
+            chunk = parts[i:i + IOV_MAX]
+            total = sum(len(p) for p in chunk)
+            done = os.pwritev(self.fd, chunk, offset)
+            if done < total:  # a short write: finish the rest the simple way
+                self.pwrite(offset + done, b"".join(bytes(p) for p in chunk)[done:])
+            offset += total
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

@@ -156,7 +156,7 @@ class Chain:
         """The images of the chain, active first."""
         return self.active.chain()
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest-visible content."""
         self.active._check_range(offset, length)
         return self.active.read(offset, length)

@@ -31,6 +31,7 @@ class Driver(Protocol):
     def block_status(self, offset: int, length: int, want_zero: bool = True) -> list[Extent]: ...
     def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: object) -> None: ...
     def write_zeroes(self, offset: int, length: int, read_below: object) -> None: ...
+    def in_place_host(self, offset: int) -> int | None: ...
     def write_back(self) -> None: ...
     def flush(self) -> None: ...
     def change_backing_file(self, name: str | None, fmt: str | None) -> None: ...
@@ -87,7 +88,7 @@ class Node:
 
     # -- reads ------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest-visible bytes of this node (its chain), zeros past its end."""
         inside = max(0, min(length, self.size - offset))
         extents = self.driver.block_status(offset, inside, want_zero=False) if inside else []
@@ -99,7 +100,7 @@ class Node:
                 return self.read_below(offset, length)
         out = bytearray(length)
         self._fill(offset, memoryview(out), extents)
-        return bytes(out)
+        return out
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill a zero-filled buffer with this node's guest bytes at offset.
@@ -152,7 +153,7 @@ class Node:
                 return False
         return True
 
-    def read_below(self, offset: int, length: int) -> bytes:
+    def read_below(self, offset: int, length: int) -> bytes | bytearray:
         """What this node's backing shows for a range: zeros where there is none."""
         below = self.backing_node
         if below is None:

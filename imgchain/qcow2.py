@@ -280,9 +280,9 @@ class Qcow2Driver:
         self._require_writable()
         cs = self.geo.cluster_size
         if data and offset // cs == (offset + len(data) - 1) // cs:  # hot path: in place
-            entry = self.l2_entry(offset)
-            if entry & _IN_PLACE_MASK == QCOW_OFLAG_COPIED and entry & L2E_OFFSET_MASK:
-                self.file.pwrite((entry & L2E_OFFSET_MASK) + offset % cs, data)
+            host = self.in_place_host(offset)
+            if host is not None:
+                self.file.pwrite(host, data)
                 return
         view = memoryview(data)
         span = self.geo.l2_span
@@ -316,11 +316,11 @@ class Qcow2Driver:
                 host = l2_host_offset(entry)
             else:
                 host, next_host = next_host, next_host + cs
-            if hi - lo < cs:
-                full = bytearray(self._cluster_content(c * cs, entry, kind, read_below))
-                full[lo - c * cs:hi - c * cs] = piece
-                piece = memoryview(full)
-            writes.append((host, piece))
+            writes.append((host + lo - c * cs, piece))
+            if hi - lo < cs:  # copy-on-write: keep what the write does not cover
+                head, tail = self._cow_parts(c * cs, lo, hi, entry, kind, read_below)
+                writes.append((host, head))
+                writes.append((host + hi - c * cs, tail))
             updates[base + c] = l2_normal(host)
             if kind not in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN) and l2_host_offset(host) != l2_host_offset(entry):
                 dropped.append(entry)
@@ -329,20 +329,36 @@ class Qcow2Driver:
             self._update_l2(l2_offset, table, updates)
         self.pending.unlinked.extend(dropped)
 
+    def in_place_host(self, offset: int) -> int | None:
+        """Host offset where a write at guest `offset` lands with no allocation
+        or copy (an allocated cluster of this image with COPIED), else None."""
+        if self.refcounts is None:
+            return None
+        entry = self.l2_entry(offset)
+        if entry & _IN_PLACE_MASK != QCOW_OFLAG_COPIED or not entry & L2E_OFFSET_MASK:
+            return None
+        return (entry & L2E_OFFSET_MASK) + offset % self.geo.cluster_size
+
     @staticmethod
     def _in_place(entry: int) -> bool:
         kind = classify_l2(entry)
         return kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and bool(entry & QCOW_OFLAG_COPIED)
 
-    def _cluster_content(self, guest: int, entry: int, kind: ClusterType, read_below: ReadBelow) -> bytes:
-        cs = self.geo.cluster_size
+    def _cow_parts(self, guest: int, lo: int, hi: int, entry: int, kind: ClusterType,
+                   read_below: ReadBelow) -> tuple[bytes | memoryview, bytes | memoryview]:
+        """The old content of cluster `guest` before `lo` and from `hi` on: the
+        parts of a new cluster that a partial write [lo, hi) leaves to copy."""
+        end = guest + self.geo.cluster_size
         if kind is ClusterType.UNALLOCATED:
-            return read_below(guest, cs)
+            head = read_below(guest, lo - guest) if lo > guest else b""
+            return head, read_below(hi, end - hi) if hi < end else b""
         if kind is ClusterType.COMPRESSED:
-            return self.read_compressed(guest)
-        if kind is ClusterType.NORMAL:  # shared cluster without COPIED
-            return self.file.pread(l2_host_offset(entry), cs)
-        return bytes(cs)
+            whole = memoryview(self.read_compressed(guest))
+        elif kind is ClusterType.NORMAL:  # shared cluster without COPIED
+            whole = memoryview(self.file.pread(l2_host_offset(entry), end - guest))
+        else:
+            return bytes(lo - guest), bytes(end - hi)
+        return whole[:lo - guest], whole[hi - guest:]
 
     def _update_l2(self, l2_offset: int, table: array, updates: dict[int, int]) -> None:
         """Change entries in memory; the file gets them at the next flush."""
@@ -478,6 +494,7 @@ def _host_continues(prev: Extent, ext: Extent) -> bool:
 def _pwrite_merged(file: BlockFile, writes: list[tuple[int, bytes | memoryview]]) -> None:
     """Issue writes sorted by host offset, joining adjacent ones into one call."""
     writes.sort(key=lambda w: w[0])
+    writes = [w for w in writes if len(w[1])]
     i = 0
     while i < len(writes):
         start, parts = writes[i][0], [writes[i][1]]

@@ -69,6 +69,10 @@ class RawDriver:
         self._require_writable()
         self.file.pwrite(offset, data)
 
+    def in_place_host(self, offset: int) -> int | None:
+        """Where a write at guest `offset` lands: the same offset, if writable."""
+        return offset if self.file.writable else None
+
     def write_zeroes(self, offset: int, length: int, read_below: Callable[[int, int], bytes]) -> None:
         self._require_writable()
         step = 1 << 20
