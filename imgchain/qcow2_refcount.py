@@ -49,8 +49,6 @@ class RefcountManager:
         # that nothing references yet; allocate() hands them out first.
         self.reserve: list[list[int]] = []
         self.batch = max(1, min(256, (4 << 20) >> header.cluster_bits))
-        # The file never ends below this on close (the size it was opened with).
-        self.opened_size = file.size()
 
     # -- reading ----------------------------------------------------------
 
@@ -166,33 +164,13 @@ class RefcountManager:
         self.set_range(start, end - start, 1)
         if start == self.free_hint:
             self.free_hint = end
-        self._extend_file(end)
         return start, end - start
 
-    def _extend_file(self, end_cluster: int) -> None:
-        """Grow the file over a new batch at once: the data writes into it then
-        overwrite a hole instead of growing the file cluster by cluster, which
-        on ext4 costs about three times as much per write."""
-        end = end_cluster * self.geo.cluster_size
-        if end > self.file.size():
-            self.file.truncate(end)
-
     def release_reserve(self) -> None:
-        """Give back reserved clusters nothing uses (at close), and cut the
-        file back to the end of the last cluster in use when the unused
-        reserve reached the end of the file. The cut comes after the zeroed
-        refcounts are durable: no refcount ever counts a cluster past the end."""
-        cs = self.geo.cluster_size
-        size = end = self.file.size()
-        for start, count in sorted(self.reserve, reverse=True):
+        """Give back reserved clusters nothing uses (at close)."""
+        for start, count in self.reserve:
             self.set_range(start, count, 0)
-            if (start + count) * cs >= end:
-                end = min(end, start * cs)
         self.reserve = []
-        end = max(end, self.opened_size)
-        if end < size:
-            self.barrier()
-            self.file.truncate(end)
 
     def _first_missing_block(self, start: int, count: int) -> int | None:
         for idx in range(self.geo.reftable_index(start), self.geo.reftable_index(start + count - 1) + 1):
