@@ -125,7 +125,8 @@ class BlockExport(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         try:  # inline rather than _translated: this is the hottest path
-            return await self.backend.read(off, size)
+            data = self.backend.read_now(off, size)
+            return data if data is not None else await self.backend.read(off, size)
         except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler
             raise _fuse_error(exc, f"read {off}+{size}") from None
 
@@ -137,7 +138,8 @@ class BlockExport(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
         data = buf if off + len(buf) <= size else memoryview(buf)[:size - off]
         try:
-            await self.backend.write(off, data)
+            if not self.backend.write_now(off, data):
+                await self.backend.write(off, data)
         except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler
             raise _fuse_error(exc, f"write {off}+{len(data)}") from None
         self.mtime_ns = time.time_ns()

@@ -13,8 +13,9 @@ DESIGN.md measures); only flushes and injected delays await.
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol
 
 import trio
 
@@ -23,6 +24,7 @@ from .node import Node
 
 
 MAP_LIMIT = 1 << 20  # resolved clusters kept before the map starts over
+FILL_CLUSTERS = 64  # clusters resolved together on a miss (a power of two)
 
 
 class BlockDevOps(Protocol):
@@ -55,15 +57,19 @@ class BlockBackend:
         self._idle_waiter: trio.Event | None = None
         self._resumed = trio.Event()
         self._resumed.set()
-        # Guest cluster -> (file, host offset) of the data a read of it finds,
+        # Guest cluster -> (fd, host offset) of the data a read of it finds,
         # resolved through the chain once. Invariant: an entry is dropped
         # before anything can change where that cluster's data lives (a write
-        # through this backend, or invalidate_map() around graph changes).
-        self._map: dict[int, tuple[Any, int]] = {}
+        # through this backend, or invalidate_map() around graph changes,
+        # which also come before any image file of the chain is closed).
+        self._map: dict[int, tuple[int, int]] = {}
         # Guest cluster -> host offset in the root's file where a write to it
         # lands in place (no allocation, no copy). Same invariant as _map.
         self._in_place: dict[int, int] = {}
         self._map_bits = (root.driver.cluster_size or 65536).bit_length() - 1
+        self._map_mask = (1 << self._map_bits) - 1
+        # The device's size: fixed for its life, as a block device's is.
+        self.size = root.size
 
     # -- requests ---------------------------------------------------------
 
@@ -89,6 +95,32 @@ class BlockBackend:
         finally:
             self._end()
 
+    # The fast paths: a request inside one cluster whose place is known runs
+    # at once, with no coroutine. It needs no in-flight count: it never
+    # yields, so no drain can start or end while it runs.
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """A read inside one resolved cluster, done now; None when it must go
+        through `read` (not resolved yet, drained, fault rules, past the end)."""
+        index = offset >> self._map_bits
+        hit = self._map.get(index)
+        if (hit is None or self.quiesce_counter or self.debug.rules or length <= 0
+                or (offset + length - 1) >> self._map_bits != index or offset + length > self.size):
+            return None
+        data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
+        return data if len(data) == length else None
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """A write inside one cluster that the root holds in place, done now;
+        False when it must go through `write`."""
+        index = offset >> self._map_bits
+        host = self._in_place.get(index)
+        if (host is None or self.quiesce_counter or self.debug.rules or not data
+                or (offset + len(data) - 1) >> self._map_bits != index or offset + len(data) > self.size):
+            return False
+        self.root.driver.file.pwrite(host + (offset & self._map_mask), data)
+        return True
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest read; clamped to the virtual size like a block device read."""
         # The hot paths spell out _request: an async context manager costs
@@ -102,26 +134,43 @@ class BlockBackend:
             if self.debug.rules:
                 await self.debug.delay(node, "read", offset, length)
             elif length and offset >> self._map_bits == (offset + length - 1) >> self._map_bits:
-                hit = self._mapped(offset)
-                if hit is not None:
-                    return hit[0].pread(hit[1], length)
+                data = self._read_mapped(offset, length)
+                if data is not None:
+                    return data
             return node.read(offset, length)
         finally:
             self._end()
 
-    def _mapped(self, offset: int) -> tuple[Any, int] | None:
-        """(file, host offset) for a read inside one cluster, from the map or resolved now."""
+    def _read_mapped(self, offset: int, length: int) -> bytes | None:
+        """A read inside one cluster through the map, resolving the cluster
+        first if needed; None when its data is not one run in one file."""
         index = offset >> self._map_bits
-        start = index << self._map_bits
         hit = self._map.get(index)
         if hit is None:
-            hit = self.root.resolve(start, min(1 << self._map_bits, self.root.size - start))
+            self._fill_map(index)
+            hit = self._map.get(index)
             if hit is None:
                 return None
-            if len(self._map) >= MAP_LIMIT:
-                self._map.clear()
-            self._map[index] = hit
-        return hit[0], hit[1] + offset - start
+        data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
+        return data if len(data) == length else None
+
+    def _fill_map(self, index: int) -> None:
+        """Resolve the FILL_CLUSTERS-aligned group of clusters around `index`
+        in one pass through the chain (one block-status walk per layer, not
+        one per cluster), mapping every cluster that is one run of data."""
+        bits = self._map_bits
+        if len(self._map) >= MAP_LIMIT:
+            self._map.clear()
+        start = (index & -FILL_CLUSTERS) << bits
+        for guest, length, file, host in self.root.resolve_runs(start, min(FILL_CLUSTERS << bits, self.size - start)):
+            if file is None:
+                continue
+            end = guest + length
+            first = -(-guest >> bits)  # clusters wholly inside the run
+            last = (end >> bits) + (end == self.size and end & self._map_mask != 0)
+            fd, base = file.fd, host - guest  # type: ignore[attr-defined]
+            for c in range(first, last):
+                self._map[c] = (fd, base + (c << bits))
 
     def _unmap(self, offset: int, length: int) -> None:
         first, last = offset >> self._map_bits, (offset + max(length, 1) - 1) >> self._map_bits
@@ -146,25 +195,13 @@ class BlockBackend:
         try:
             if self.debug.rules:
                 await self.debug.delay(node, "write", offset, len(data))
-            elif self._write_in_place(offset, data):
+            elif self.write_now(offset, data):
                 return
             self._unmap(offset, len(data))
             node.write(offset, data)
             self._note_in_place(offset, len(data))
         finally:
             self._end()
-
-    def _write_in_place(self, offset: int, data: bytes | memoryview) -> bool:
-        """Write a request inside one cluster whose place in the root's file is
-        known; False when it is not (the caller takes the full path)."""
-        index = offset >> self._map_bits
-        host = self._in_place.get(index)
-        if host is None or not data or (offset + len(data) - 1) >> self._map_bits != index:
-            return False
-        if offset + len(data) > self.root.size:
-            return False
-        self.root.driver.file.pwrite(host + offset - (index << self._map_bits), data)
-        return True
 
     def _note_in_place(self, offset: int, length: int) -> None:
         """After a write inside one cluster, remember where it now lives."""
@@ -190,10 +227,6 @@ class BlockBackend:
             await self.debug.delay(node, "flush", 0, 0)
             node.write_back()
             await trio.to_thread.run_sync(node.sync_file)
-
-    @property
-    def size(self) -> int:
-        return self.root.size
 
     # -- drain ------------------------------------------------------------
 

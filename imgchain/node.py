@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from .errors import ImageIOError
 from .extent import Extent, Status
@@ -126,20 +126,20 @@ class Node:
                 start = ext.guest_offset % len(cluster)
                 part[:] = cluster[start:start + ext.length]
 
-    def resolve(self, offset: int, length: int) -> tuple[object, int] | None:
-        """(file, host offset) when the whole range is one run of data in one
-        image file of the chain; None when it is not (zeros, compressed, split)."""
-        node: Node | None = self
-        while node is not None and offset + length <= node.size:
-            extents = node.driver.block_status(offset, length, want_zero=False)
-            if len(extents) != 1:
-                return None
-            if extents[0].status is Status.DATA:
-                return node.driver.file, extents[0].host_offset  # type: ignore[attr-defined]
-            if extents[0].status is not Status.UNALLOCATED:
-                return None
-            node = node.backing_node
-        return None
+    def resolve_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, object | None, int]]:
+        """Where a guest range's bytes live, run by run: (guest offset, length,
+        file, host offset) for data in one image file of the chain, file None
+        for what is not stored as plain data (zeros, compressed, past the end)."""
+        inside = max(0, min(length, self.size - offset))
+        for ext in self.driver.block_status(offset, inside, want_zero=False) if inside else ():
+            if ext.status is Status.DATA:
+                yield ext.guest_offset, ext.length, self.driver.file, ext.host_offset  # type: ignore[attr-defined]
+            elif ext.status is Status.UNALLOCATED and self.backing_node is not None:
+                yield from self.backing_node.resolve_runs(ext.guest_offset, ext.length)
+            else:
+                yield ext.guest_offset, ext.length, None, 0
+        if inside < length:
+            yield offset + inside, length - inside, None, 0
 
     def reads_as_zero(self, offset: int, length: int) -> bool:
         """Does block status alone (no data read) show the range as zeros?"""

@@ -1,0 +1,154 @@
+"""The fast paths: the backend's cluster maps (reads and in-place writes done
+at once, filled a group of clusters at a time, forgotten when a cluster
+moves), copy-on-write of only what a write leaves, and writes of more pieces
+than one pwritev takes. Results are checked against the slow path and with
+qemu-img/qemu-io."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from imgchain.backend import BlockBackend
+from imgchain.blkdebug import BlkDebug, Rule
+from imgchain.chain import close_chain, open_backing_chain, open_chain
+from imgchain.create import create_image
+
+from .conftest import assert_qemu_clean, qemu_img, qemu_io
+
+KIB, MIB = 1024, 1024 * 1024
+
+
+def test_partial_writes_copy_head_and_tail_from_each_kind_of_cluster(chain3: Path) -> None:
+    """4 KiB clusters in top: unallocated (backing shows through), zero, allocated."""
+    with open_chain(chain3, writable=True) as chain:
+        model = bytearray(chain.read(0, chain.size))
+        chain.write_zeroes(8 * KIB, 4 * KIB)  # cluster 2 becomes a zero cluster
+        model[8 * KIB:12 * KIB] = bytes(4 * KIB)
+        for off, n, byte in ((1000, 100, 0x51),          # unallocated: head and tail from below
+                             (8 * KIB + 4000, 96, 0x52),  # zero cluster: zeros around
+                             (1500, 10, 0x53),            # now allocated: in place
+                             (12 * KIB - 1, 2, 0x54),     # tail of one cluster, head of the next
+                             (16 * KIB, 4 * KIB, 0x55)):  # a whole cluster: nothing to copy
+            chain.write(off, bytes([byte]) * n)
+            model[off:off + n] = bytes([byte]) * n
+        assert chain.read(0, chain.size) == model
+    with open_chain(chain3) as chain:
+        assert chain.read(0, chain.size) == model
+    assert_qemu_clean(chain3)
+
+
+async def test_in_place_map_forgets_a_cluster_that_was_zeroed(chain3: Path) -> None:
+    top = open_backing_chain(str(chain3), writable=True)
+    try:
+        backend = BlockBackend(top)
+        await backend.write(4 * KIB + 10, b"\x61" * 10)   # copy-on-write: cluster 1 allocated
+        await backend.write(4 * KIB + 30, b"\x62" * 10)   # in place, through the map
+        await backend.write_zeroes(4 * KIB, 4 * KIB)       # the host cluster is freed
+        await backend.write(4 * KIB + 50, b"\x63" * 10)   # must allocate again, not reuse the map
+        expect = bytearray(4 * KIB)
+        expect[50:60] = b"\x63" * 10
+        assert await backend.read(4 * KIB, 4 * KIB) == expect
+        backend.invalidate_map()
+        await backend.write(4 * KIB + 70, b"\x64" * 10)
+        expect[70:80] = b"\x64" * 10
+        assert await backend.read(4 * KIB, 4 * KIB) == expect
+    finally:
+        close_chain(top)
+    assert_qemu_clean(chain3)
+    io = qemu_io(chain3, "read -P 0 4k 50", "read -P 0x63 4146 10", "read -P 0 4156 10",
+                 "read -P 0x64 4166 10", "read -P 0 4176 4016")
+    assert "Pattern verification failed" not in io.stdout, io.stdout
+
+
+def test_one_write_of_more_clusters_than_one_pwritev_takes(tmp_path: Path) -> None:
+    image = tmp_path / "c512.qcow2"
+    create_image(str(image), size=8 * MIB, cluster_size=512)
+    data = os.urandom(3 * MIB + 300)  # 6000+ clusters, partial at both ends
+    with open_chain(image, writable=True) as chain:
+        chain.write(1000, data)
+    with open_chain(image) as chain:
+        assert chain.read(1000, len(data)) == data
+        assert chain.read(0, 1000) == bytes(1000)
+    assert_qemu_clean(image)
+    raw = tmp_path / "c.raw"
+    qemu_img("convert", "-O", "raw", image, raw, check=True)
+    with open(raw, "rb") as f:
+        f.seek(1000)
+        assert f.read(len(data)) == data
+
+
+@pytest.fixture
+def mixed_chain(tmp_path: Path) -> Path:
+    """base.raw <- mid.qcow2 (64 KiB clusters, written by qemu-io) <- top.qcow2
+    (4 KiB clusters): guest clusters of top split across layers, zero and
+    compressed clusters, and a virtual size that ends inside a cluster."""
+    size = 3 * MIB + 5 * 512
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    mid, top = tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", mid, str(size), check=True)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", mid, "-F", "qcow2",
+             top, str(size), check=True)
+    io = qemu_io(mid, "write -P 0x71 100k 200k", "write -z 1M 128k", "write -c -P 0x72 2M 64k",
+                 "write -P 0x73 3M 2560", fmt="qcow2")
+    assert io.returncode == 0, io.stderr
+    io = qemu_io(top, "write -P 0x74 150k 9k", "write -z 400k 8k", "write -P 0x75 3M 2k", fmt="qcow2")
+    assert io.returncode == 0, io.stderr
+    return top
+
+
+async def test_reads_through_the_map_equal_the_slow_path(mixed_chain: Path) -> None:
+    top = open_backing_chain(str(mixed_chain), writable=True)
+    try:
+        backend = BlockBackend(top)
+        rng = random.Random(7)
+        offsets = [rng.randrange(backend.size) for _ in range(400)]
+        offsets += [backend.size - n for n in (1, 512, 2560, 4096)]
+        fast = single = 0
+        for off in offsets:
+            n = min(rng.choice((1, 512, 4096, 5000)), backend.size - off)
+            expect = top.read(off, n)
+            assert await backend.read(off, n) == expect  # fills the map on the way
+            single += off // 4096 == (off + n - 1) // 4096
+            now = backend.read_now(off, n)
+            if now is not None:
+                fast += 1
+                assert now == expect, (off, n)
+        assert fast > 0.8 * single  # zero and compressed clusters are never mapped
+        assert backend.read_now(backend.size - 10, 20) is None  # past the end: the slow path clamps
+    finally:
+        close_chain(top)
+
+
+async def test_a_miss_maps_the_clusters_around_it(chain3: Path) -> None:
+    top = open_backing_chain(str(chain3), writable=True)
+    try:
+        backend = BlockBackend(top)
+        assert backend.read_now(40 * KIB, 4 * KIB) is None  # nothing resolved yet
+        await backend.read(0, 4 * KIB)
+        assert backend.read_now(40 * KIB, 4 * KIB) == top.read(40 * KIB, 4 * KIB)
+    finally:
+        close_chain(top)
+
+
+async def test_fast_paths_step_aside_while_drained_or_with_fault_rules(chain3: Path) -> None:
+    top = open_backing_chain(str(chain3), writable=True)
+    try:
+        backend = BlockBackend(top)
+        await backend.read(0, 4 * KIB)
+        await backend.write(8 * KIB, b"\x81" * 100)  # allocated in top: in place from now on
+        assert backend.read_now(0, 4 * KIB) is not None
+        assert backend.write_now(8 * KIB, b"\x82" * 100)
+        async with backend.drained():
+            assert backend.read_now(0, 4 * KIB) is None
+            assert not backend.write_now(8 * KIB, b"\x83" * 100)
+        backend.debug = BlkDebug([Rule(image="top", op="read", delay_ms=1)])
+        assert backend.read_now(0, 4 * KIB) is None
+        assert not backend.write_now(8 * KIB, b"\x84" * 100)
+        assert top.read(8 * KIB, 100) == b"\x82" * 100
+    finally:
+        close_chain(top)
