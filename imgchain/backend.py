@@ -70,6 +70,8 @@ class BlockBackend:
         self._map_mask = (1 << self._map_bits) - 1
         # The device's size: fixed for its life, as a block device's is.
         self.size = root.size
+        # The root's file descriptor, for write_now; changes with the root.
+        self._root_fd: int = root.driver.file.fd  # type: ignore[attr-defined]
 
     # -- requests ---------------------------------------------------------
 
@@ -118,7 +120,9 @@ class BlockBackend:
         if (host is None or self.quiesce_counter or self.debug.rules or not data
                 or (offset + len(data) - 1) >> self._map_bits != index or offset + len(data) > self.size):
             return False
-        self.root.driver.file.pwrite(host + (offset & self._map_mask), data)
+        at = host + (offset & self._map_mask)
+        if os.pwrite(self._root_fd, data, at) != len(data):  # short: write the rest
+            self.root.driver.file.pwrite(at, data)
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:

@@ -49,7 +49,12 @@ class BlockFile:
             offset += done
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        """Write all of `data` (a short write is continued)."""
+        done = os.pwrite(self.fd, data, offset)
+        if done == len(data):
+            return
+        view = memoryview(data)[done:]
+        offset += done
         while view:
             done = os.pwrite(self.fd, view, offset)
             view = view[done:]
