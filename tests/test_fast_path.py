@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,6 +22,16 @@ from imgchain.create import create_image
 from .conftest import assert_qemu_clean, qemu_img, qemu_io
 
 KIB, MIB = 1024, 1024 * 1024
+
+
+@contextmanager
+def backend_on(image: Path) -> Iterator[BlockBackend]:
+    """A BlockBackend on the writable chain of `image`, closed afterwards."""
+    top = open_backing_chain(str(image), writable=True)
+    try:
+        yield BlockBackend(top)
+    finally:
+        close_chain(top)
 
 
 def test_partial_writes_copy_head_and_tail_from_each_kind_of_cluster(chain3: Path) -> None:
@@ -42,9 +54,7 @@ def test_partial_writes_copy_head_and_tail_from_each_kind_of_cluster(chain3: Pat
 
 
 async def test_in_place_map_forgets_a_cluster_that_was_zeroed(chain3: Path) -> None:
-    top = open_backing_chain(str(chain3), writable=True)
-    try:
-        backend = BlockBackend(top)
+    with backend_on(chain3) as backend:
         await backend.write(4 * KIB + 10, b"\x61" * 10)   # copy-on-write: cluster 1 allocated
         await backend.write(4 * KIB + 30, b"\x62" * 10)   # in place, through the map
         await backend.write_zeroes(4 * KIB, 4 * KIB)       # the host cluster is freed
@@ -56,8 +66,6 @@ async def test_in_place_map_forgets_a_cluster_that_was_zeroed(chain3: Path) -> N
         await backend.write(4 * KIB + 70, b"\x64" * 10)
         expect[70:80] = b"\x64" * 10
         assert await backend.read(4 * KIB, 4 * KIB) == expect
-    finally:
-        close_chain(top)
     assert_qemu_clean(chain3)
     io = qemu_io(chain3, "read -P 0 4k 50", "read -P 0x63 4146 10", "read -P 0 4156 10",
                  "read -P 0x64 4166 10", "read -P 0 4176 4016")
@@ -102,10 +110,8 @@ def mixed_chain(tmp_path: Path) -> Path:
 
 
 async def test_reads_through_the_map_equal_the_slow_path(mixed_chain: Path) -> None:
-    top = open_backing_chain(str(mixed_chain), writable=True)
-    try:
-        backend = BlockBackend(top)
-        rng = random.Random(7)
+    with backend_on(mixed_chain) as backend:
+        top, rng = backend.root, random.Random(7)
         offsets = [rng.randrange(backend.size) for _ in range(400)]
         offsets += [backend.size - n for n in (1, 512, 2560, 4096)]
         fast = single = 0
@@ -120,25 +126,17 @@ async def test_reads_through_the_map_equal_the_slow_path(mixed_chain: Path) -> N
                 assert now == expect, (off, n)
         assert fast > 0.8 * single  # zero and compressed clusters are never mapped
         assert backend.read_now(backend.size - 10, 20) is None  # past the end: the slow path clamps
-    finally:
-        close_chain(top)
 
 
 async def test_a_miss_maps_the_clusters_around_it(chain3: Path) -> None:
-    top = open_backing_chain(str(chain3), writable=True)
-    try:
-        backend = BlockBackend(top)
+    with backend_on(chain3) as backend:
         assert backend.read_now(40 * KIB, 4 * KIB) is None  # nothing resolved yet
         await backend.read(0, 4 * KIB)
-        assert backend.read_now(40 * KIB, 4 * KIB) == top.read(40 * KIB, 4 * KIB)
-    finally:
-        close_chain(top)
+        assert backend.read_now(40 * KIB, 4 * KIB) == backend.root.read(40 * KIB, 4 * KIB)
 
 
 async def test_fast_paths_step_aside_while_drained_or_with_fault_rules(chain3: Path) -> None:
-    top = open_backing_chain(str(chain3), writable=True)
-    try:
-        backend = BlockBackend(top)
+    with backend_on(chain3) as backend:
         await backend.read(0, 4 * KIB)
         await backend.write(8 * KIB, b"\x81" * 100)  # allocated in top: in place from now on
         assert backend.read_now(0, 4 * KIB) is not None
@@ -149,6 +147,4 @@ async def test_fast_paths_step_aside_while_drained_or_with_fault_rules(chain3: P
         backend.debug = BlkDebug([Rule(image="top", op="read", delay_ms=1)])
         assert backend.read_now(0, 4 * KIB) is None
         assert not backend.write_now(8 * KIB, b"\x84" * 100)
-        assert top.read(8 * KIB, 100) == b"\x82" * 100
-    finally:
-        close_chain(top)
+        assert backend.root.read(8 * KIB, 100) == b"\x82" * 100
