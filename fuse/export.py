@@ -24,6 +24,7 @@ from imgchain.errors import ImageIOError
 
 log = logging.getLogger("imgchain.fuse")
 T = TypeVar("T")
+SMALL_READ = 64 * 1024  # reads up to this size get a buffer of their own
 
 
 def _fuse_error(exc: BaseException, what: str) -> pyfuse3.FUSEError:
@@ -63,6 +64,7 @@ class BlockExport(pyfuse3.Operations):
         self.gid = owner.st_gid if owner else os.getgid()
         self.mtime_ns = self.ctime_ns = time.time_ns()
         self.draining = False
+        self._read_buffer = bytearray(0)  # reused by large reads (_read_buffered)
         backend.dev_ops = self
 
     # -- drain hooks (imgchain.backend.BlockDevOps) -----------------------
@@ -123,12 +125,27 @@ class BlockExport(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         try:  # inline rather than _translated: this is the hottest path
             data = self.backend.read_now(off, size)
-            return data if data is not None else await self.backend.read(off, size)
+            if data is not None:
+                return data
+            if size <= SMALL_READ:
+                return await self.backend.read(off, size)
+            return await self._read_buffered(off, size)
         except Exception as exc:  # noqa: BLE001 - nothing may escape a FUSE handler
             raise _fuse_error(exc, f"read {off}+{size}") from None
+
+    async def _read_buffered(self, off: int, size: int) -> memoryview:
+        """A large read into a buffer kept from one request to the next, so
+        that no megabyte is allocated (and page-faulted) per request. Sharing
+        it is safe: `BlockBackend.read_into` awaits only before it starts
+        filling, and pyfuse3 copies what a read handler returns into its
+        reply before any other request runs."""
+        if len(self._read_buffer) < size:
+            self._read_buffer = bytearray(size)
+        view = memoryview(self._read_buffer)
+        return view[:await self.backend.read_into(off, view[:size])]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.read_only:

@@ -145,6 +145,26 @@ class BlockBackend:
         finally:
             self._end()
 
+    async def read_into(self, offset: int, view: memoryview) -> int:
+        """Guest read into the caller's buffer (any old content is replaced);
+        returns how many bytes the device has there (fewer past its end).
+        It awaits only before it starts filling the buffer: once the buffer
+        holds this read's bytes, nothing else runs before the caller does."""
+        if self.quiesce_counter:
+            await self._wait_resumed()
+        node = self.root
+        self._begin()
+        try:
+            length = max(0, min(len(view), self.size - offset))
+            if self.debug.rules:
+                await self.debug.delay(node, "read", offset, length)
+            elif length and self._read_into_mapped(offset, view[:length]):
+                return length
+            node.read_into(offset, view[:length])
+            return length
+        finally:
+            self._end()
+
     def _read_mapped(self, offset: int, length: int) -> bytes | None:
         """A read inside one cluster through the map, resolving the cluster
         first if needed; None when its data is not one run in one file."""
@@ -157,6 +177,35 @@ class BlockBackend:
                 return None
         data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
         return data if len(data) == length else None
+
+    def _read_into_mapped(self, offset: int, view: memoryview) -> bool:
+        """Fill the buffer through the map: one preadv per run of clusters that
+        continue each other in one file, no block status. False (the buffer
+        half filled) when some cluster is not one run of data."""
+        bits = self._map_bits
+        runs: list[list[int]] = []  # [fd, host offset, length]
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            index = pos >> bits
+            hit = self._map.get(index)
+            if hit is None:
+                self._fill_map(index)
+                hit = self._map.get(index)
+                if hit is None:
+                    return False
+            n = min(end, (index + 1) << bits) - pos
+            host = hit[1] + (pos & self._map_mask)
+            if runs and runs[-1][0] == hit[0] and runs[-1][1] + runs[-1][2] == host:
+                runs[-1][2] += n
+            else:
+                runs.append([hit[0], host, n])
+            pos += n
+        at = 0
+        for fd, host, n in runs:
+            if os.preadv(fd, [view[at:at + n]], host) != n:
+                return False  # short (the file ends): the slow path reads zeros there
+            at += n
+        return True
 
     def _fill_map(self, index: int) -> None:
         """Resolve the FILL_CLUSTERS-aligned group of clusters around `index`

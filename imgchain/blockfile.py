@@ -12,6 +12,14 @@ import os
 from .locks import Perms, apply_locks
 
 IOV_MAX = 1024  # buffers one pwritev call takes (Linux's UIO_MAXIOV)
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(view: memoryview) -> None:
+    """Set every byte of a writable buffer to zero."""
+    for start in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - start)
+        view[start:start + n] = _ZEROS[:n]
 
 
 class BlockFile:
@@ -40,10 +48,11 @@ class BlockFile:
         return data
 
     def pread_into(self, offset: int, view: memoryview) -> None:
-        """Read into a buffer; whatever lies past EOF is left as it is (zeros)."""
+        """Fill a buffer from the file; whatever lies past EOF reads as zeros."""
         while view:
             done = os.preadv(self.fd, [view], offset)
             if not done:
+                zero_fill(view)
                 return
             view = view[done:]
             offset += done

@@ -14,6 +14,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
+from .blockfile import zero_fill
 from .errors import ImageIOError
 from .extent import Extent, Status
 
@@ -103,13 +104,15 @@ class Node:
         return out
 
     def read_into(self, offset: int, view: memoryview) -> None:
-        """Fill a zero-filled buffer with this node's guest bytes at offset.
+        """Fill a buffer with this node's guest bytes at offset (zeros past its end).
 
         Every layer reads straight into the caller's buffer (one copy per
-        byte, however deep the chain); ranges that read as zeros are skipped."""
+        byte, however deep the chain); nothing of the buffer's old content
+        is left, so a buffer can be used again without clearing it."""
         inside = max(0, min(len(view), self.size - offset))
         if inside:
             self._fill(offset, view, self.driver.block_status(offset, inside, want_zero=False))
+        zero_fill(view[inside:])
 
     def _fill(self, offset: int, view: memoryview, extents: list[Extent]) -> None:
         for ext in extents:
@@ -117,14 +120,14 @@ class Node:
             part = view[at:at + ext.length]
             if ext.status is Status.DATA:
                 self.driver.file.pread_into(ext.host_offset, part)  # type: ignore[attr-defined]
-            elif ext.status is Status.UNALLOCATED:
-                below = self.backing_node
-                if below is not None:
-                    below.read_into(ext.guest_offset, part)
+            elif ext.status is Status.UNALLOCATED and self.backing_node is not None:
+                self.backing_node.read_into(ext.guest_offset, part)
             elif ext.status is Status.COMPRESSED:
                 cluster = self.driver.read_compressed(ext.guest_offset)  # type: ignore[attr-defined]
                 start = ext.guest_offset % len(cluster)
                 part[:] = cluster[start:start + ext.length]
+            else:  # zero, or unallocated with nothing below
+                zero_fill(part)
 
     def resolve_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, object | None, int]]:
         """Where a guest range's bytes live, run by run: (guest offset, length,

@@ -1,7 +1,7 @@
 """The fast paths: the backend's cluster maps (reads and in-place writes done
 at once, filled a group of clusters at a time, forgotten when a cluster
-moves), copy-on-write of only what a write leaves, and writes of more pieces
-than one pwritev takes. Results are checked against the slow path and with
+moves), the export's reused buffer for large reads, copy-on-write of only
+what a write leaves, and writes of more pieces than one pwritev takes. Results are checked against the slow path and with
 qemu-img/qemu-io."""
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import trio
+import trio.testing
 
 from imgchain.backend import BlockBackend
 from imgchain.blkdebug import BlkDebug, Rule
 from imgchain.chain import close_chain, open_backing_chain, open_chain
 from imgchain.create import create_image
+from imgchain.fuse.export import BlockExport
 
 from .conftest import assert_qemu_clean, qemu_img, qemu_io
 
@@ -148,3 +151,38 @@ async def test_fast_paths_step_aside_while_drained_or_with_fault_rules(chain3: P
         assert backend.read_now(0, 4 * KIB) is None
         assert not backend.write_now(8 * KIB, b"\x84" * 100)
         assert backend.root.read(8 * KIB, 100) == b"\x82" * 100
+
+
+async def test_large_reads_reuse_one_buffer_and_never_show_its_old_content(chain3: Path) -> None:
+    """What the export returns is copied at once, as pyfuse3 does with a reply."""
+    with backend_on(chain3) as backend:
+        export = BlockExport(backend, read_only=False)
+        await backend.write_zeroes(64 * KIB, 128 * KIB)    # zero clusters over the 0xaa base
+        await backend.write(512 * KIB, b"\x91" * 1000)
+        size = backend.size
+        for off, n in ((0, 300 * KIB), (2 * MIB, 256 * KIB), (500 * KIB, 256 * KIB), (0, 256 * KIB),
+                       (size - 100 * KIB, 200 * KIB), (2 * MIB + 4 * KIB, 70 * KIB)):
+            got = bytes(await export.read(1, off, n))
+            assert got == backend.root.read(off, min(n, size - off)), (off, n)
+        first = await export.read(1, 0, 256 * KIB)
+        second = await export.read(1, 2 * MIB, 256 * KIB)
+        assert isinstance(first, memoryview) and first.obj is second.obj  # one buffer, reused
+
+
+async def test_a_large_read_waiting_in_a_drain_does_not_share_the_buffer(chain3: Path) -> None:
+    with backend_on(chain3) as backend:
+        export = BlockExport(backend, read_only=False)
+        results: dict[int, bytes] = {}
+
+        async def read(off: int) -> None:
+            results[off] = bytes(await export.read(1, off, 128 * KIB))
+
+        async with trio.open_nursery() as nursery:
+            async with backend.drained():
+                for off in (0, 1 * MIB, 960 * KIB):
+                    nursery.start_soon(read, off)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not results
+        for off, data in results.items():
+            assert data == backend.root.read(off, 128 * KIB)
+        assert len(results) == 3
