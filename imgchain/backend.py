@@ -168,15 +168,20 @@ class BlockBackend:
     def _read_mapped(self, offset: int, length: int) -> bytes | None:
         """A read inside one cluster through the map, resolving the cluster
         first if needed; None when its data is not one run in one file."""
-        index = offset >> self._map_bits
+        hit = self._lookup(offset >> self._map_bits)
+        if hit is None:
+            return None
+        data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
+        return data if len(data) == length else None
+
+    def _lookup(self, index: int) -> tuple[int, int] | None:
+        """(fd, host offset) of a guest cluster, filling the map on a miss;
+        None when the cluster is not one run of data in one file."""
         hit = self._map.get(index)
         if hit is None:
             self._fill_map(index)
             hit = self._map.get(index)
-            if hit is None:
-                return None
-        data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
-        return data if len(data) == length else None
+        return hit
 
     def _read_into_mapped(self, offset: int, view: memoryview) -> bool:
         """Fill the buffer through the map: one preadv per run of clusters that
@@ -187,12 +192,9 @@ class BlockBackend:
         pos, end = offset, offset + len(view)
         while pos < end:
             index = pos >> bits
-            hit = self._map.get(index)
+            hit = self._lookup(index)
             if hit is None:
-                self._fill_map(index)
-                hit = self._map.get(index)
-                if hit is None:
-                    return False
+                return False
             n = min(end, (index + 1) << bits) - pos
             host = hit[1] + (pos & self._map_mask)
             if runs and runs[-1][0] == hit[0] and runs[-1][1] + runs[-1][2] == host:
