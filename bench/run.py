@@ -7,13 +7,17 @@ a quarter of its clusters rewritten at random), and exports it in turn with
 bench/passthrough.py over a raw copy of the chain (`qemu-img convert -O raw`).
 The same fio jobs (--direct=1, time based) run against each; every write job
 gets a fresh copy of the written image, so every exporter starts from the same
-state, and the files an exporter reads are read whole (into the page cache) first. Prints Markdown tables (IOPS, MB/s, ratios; the spread over --repeat
+state, and the files an exporter reads are read whole (into the page cache)
+first. Prints Markdown tables (IOPS, MB/s, ratios; the spread over --repeat
 runs; mean latency); with --out, also puts them in BENCHMARKS.md, in a section
-of their own (unpinned, or --pin CPU) that the next such run replaces. Round
-trips through FUSE on a small VM vary a lot with where the two processes run:
---pin puts fio and each exporter on one CPU. Not a test.
+of their own (unpinned, or --pin CPU; --top-allocated apart) that the next
+such run replaces. Round trips through FUSE on a small VM vary a lot with
+where the two processes run: --pin puts fio and each exporter on one CPU.
+--top-allocated writes every cluster of top.qcow2 before the jobs, so that
+writes never copy on write; --jobs picks jobs by name. Not a test.
 
-    .venv/bin/python bench/run.py [--runtime 10] [--size 1G] [--repeat N] [--pin CPU] [--out BENCHMARKS.md]
+    .venv/bin/python bench/run.py [--runtime 10] [--size 1G] [--repeat N] [--pin CPU]
+                                  [--top-allocated] [--jobs randwrite,...] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 import imgchain
+from imgchain.extent import Status
 
 BENCH = Path(__file__).resolve().parent
 IMGCHAIN = str(Path(sys.executable).with_name("imgchain"))
@@ -161,14 +166,26 @@ def rewrite_quarter(path: Path, size: int, rng: random.Random) -> None:
             chain.write(index * CLUSTER, rng.randbytes(CLUSTER))
 
 
-def build_chain(work: Path, size: int, seed: int) -> Path:
-    """base.raw <- mid.qcow2 <- top.qcow2; returns top.qcow2."""
+def allocate_rest(path: Path, size: int, rng: random.Random) -> None:
+    """Write random data to every cluster the image itself does not hold yet."""
+    with imgchain.open_chain(path, writable=True) as chain:
+        for ext in chain.active.driver.block_status(0, size):
+            if ext.status is Status.UNALLOCATED:
+                for pos in range(ext.guest_offset, ext.guest_offset + ext.length, CLUSTER):
+                    chain.write(pos, rng.randbytes(CLUSTER))
+
+
+def build_chain(work: Path, size: int, seed: int, top_allocated: bool = False) -> Path:
+    """base.raw <- mid.qcow2 <- top.qcow2; returns top.qcow2. With
+    `top_allocated`, every cluster of top.qcow2 is then written too."""
     rng = random.Random(seed)
     write_random_file(work / "base.raw", size, rng)
     for name, backing, fmt in (("mid.qcow2", "base.raw", "raw"), ("top.qcow2", "mid.qcow2", "qcow2")):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}",
              "-b", backing, "-F", fmt, name, str(size)], cwd=work)
         rewrite_quarter(work / name, size, rng)
+    if top_allocated:
+        allocate_rest(work / "top.qcow2", size, rng)
     for name in ("mid.qcow2", "top.qcow2"):
         run(["qemu-img", "check", "-q", str(work / name)])
     return work / "top.qcow2"
@@ -320,11 +337,16 @@ def spread(runs: list[Result]) -> str:
     return f"{lo:,.0f}-{hi:,.0f}" if len(runs) > 1 else f"{lo:,.0f}"
 
 
+def measured(runs: dict[tuple[str, str], object]) -> list[Job]:
+    """The jobs that ran, in the order of JOBS."""
+    return [job for job in JOBS if (job.name, EXPORTERS[0].name) in runs]
+
+
 def table(runs: dict[tuple[str, str], list[Result]]) -> str:
     rows = ["| job | imgchain IOPS | imgchain MB/s | qsd IOPS | qsd MB/s | passthrough IOPS "
             "| imgchain/qsd | imgchain/passthrough |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for job in JOBS:
+    for job in measured(runs):
         ri, rq, rp = (runs[job.name, e.name] for e in EXPORTERS)
         i, q, p = median(ri), median(rq), median(rp)
         rows.append(f"| {job.name} | {i.iops:,.0f} | {i.mbps:,.1f} | {q.iops:,.0f} | {q.mbps:,.1f} "
@@ -335,7 +357,7 @@ def table(runs: dict[tuple[str, str], list[Result]]) -> str:
 def latency_table(results: dict[tuple[str, str], Result]) -> str:
     rows = ["| job | " + " | ".join(f"{e.name} µs" for e in EXPORTERS) + " |",
             "|---|" + "---:|" * len(EXPORTERS)]
-    for job in JOBS:
+    for job in measured(results):
         rows.append(f"| {job.name} | " + " | ".join(f"{results[job.name, e.name].lat_us:,.1f}"
                                                     for e in EXPORTERS) + " |")
     return "\n".join(rows)
@@ -344,7 +366,7 @@ def latency_table(results: dict[tuple[str, str], Result]) -> str:
 def spread_table(runs: dict[tuple[str, str], list[Result]]) -> str:
     rows = ["| job | " + " | ".join(f"{e.name} IOPS" for e in EXPORTERS) + " |",
             "|---|" + "---:|" * len(EXPORTERS)]
-    for job in JOBS:
+    for job in measured(runs):
         rows.append(f"| {job.name} | " + " | ".join(spread(runs[job.name, e.name]) for e in EXPORTERS) + " |")
     return "\n".join(rows)
 
@@ -360,7 +382,8 @@ def report(runs: dict[tuple[str, str], list[Result]], args: argparse.Namespace, 
         f"### {section(args)}", "",
         f"Measured {machine}.", "",
         f"Chain: base.raw ({args.size}, fully written with random data) <- mid.qcow2 <- top.qcow2, "
-        f"64 KiB clusters, a random quarter of each overlay's clusters rewritten. "
+        f"64 KiB clusters, a random quarter of each overlay's clusters rewritten"
+        f"{TOP_ALLOCATED if args.top_allocated else ''}. "
         f"fio --direct=1, time based, {args.runtime} s per job after {args.ramp} s of ramp, "
         f"--size={args.size}; each write job starts from a fresh copy of the written image, and the "
         f"files an exporter reads are read whole into the page cache just before its job. "
@@ -377,8 +400,13 @@ def report(runs: dict[tuple[str, str], list[Result]], args: argparse.Namespace, 
     ])
 
 
+TOP_ALLOCATED = (", then every other cluster of top.qcow2 written (--top-allocated): no write copies "
+                 "on write, and every read finds its data in top.qcow2")
+
+
 def section(args: argparse.Namespace) -> str:
-    return f"Pinned to one CPU (--pin {args.pin})" if args.pin is not None else "Not pinned"
+    name = f"Pinned to one CPU (--pin {args.pin})" if args.pin is not None else "Not pinned"
+    return name + (", top allocated" if args.top_allocated else "")
 
 
 def write_out(path: Path, body: str, name: str) -> None:
@@ -420,7 +448,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help="random seed of the chain's content")
     p.add_argument("--out", type=Path, help="also write the result into this Markdown file")
     p.add_argument("--tmpdir", help="where to build the chain (default: the system's temp dir)")
+    p.add_argument("--top-allocated", action="store_true",
+                   help="write every cluster of top.qcow2 first (measures I/O without copy-on-write)")
+    p.add_argument("--jobs", help="run only the jobs whose name contains one of these comma-separated words")
     args = p.parse_args()
+    jobs = [j for j in JOBS if not args.jobs or any(w in j.name for w in args.jobs.split(","))]
+    if not jobs:
+        p.error(f"--jobs {args.jobs}: no job matches (jobs: {', '.join(j.name for j in JOBS)})")
     size = parse_size(args.size)
     if size % CLUSTER:
         p.error("--size must be a multiple of 64 KiB")
@@ -437,11 +471,11 @@ def main() -> None:
     machine, fusectl = machine_line(), fusectl_mounted()
     try:
         t0 = time.monotonic()
-        build_chain(work, size, args.seed)
+        build_chain(work, size, args.seed, args.top_allocated)
         run(["qemu-img", "convert", "-O", "raw", str(work / "top.qcow2"), str(work / "chain.raw")])
         log(f"chain built in {time.monotonic() - t0:.1f} s in {work}")
         for _ in range(args.repeat):
-            for job in JOBS:
+            for job in jobs:
                 for exporter in EXPORTERS:
                     r = measure(work, job, exporter, size, args.runtime, args.ramp)
                     runs.setdefault((job.name, exporter.name), []).append(r)
