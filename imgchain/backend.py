@@ -13,13 +13,17 @@ DESIGN.md measures); only flushes and injected delays await.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Protocol
 
 import trio
 
+from imgchain.formats import FormatError
+
 from .blkdebug import BlkDebug
+from .errors import ImageIOError
 from .node import Node
 
 
@@ -63,6 +67,10 @@ class BlockBackend:
         # through this backend, or invalidate_map() around graph changes,
         # which also come before any image file of the chain is closed).
         self._map: dict[int, tuple[int, int]] = {}
+        # Guest clusters resolved and found not to be one run of data (zeros,
+        # compressed, split across files): reads of them take the slow path
+        # without resolving them again. Same invariant as _map.
+        self._unmappable: set[int] = set()
         # Guest cluster -> host offset in the root's file where a write to it
         # lands in place (no allocation, no copy). Same invariant as _map.
         self._in_place: dict[int, int] = {}
@@ -106,7 +114,7 @@ class BlockBackend:
         through `read` (not resolved yet, drained, fault rules, past the end)."""
         index = offset >> self._map_bits
         hit = self._map.get(index)
-        if (hit is None or self.quiesce_counter or self.debug.rules or length <= 0
+        if (hit is None or self.quiesce_counter or self.debug.rules or length <= 0 or offset < 0
                 or (offset + length - 1) >> self._map_bits != index or offset + length > self.size):
             return None
         data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
@@ -125,8 +133,13 @@ class BlockBackend:
             self.root.driver.file.pwrite(at, data)
         return True
 
+    def _check_offset(self, offset: int) -> None:
+        if offset < 0:
+            raise ImageIOError(f"{self.name}: read at negative offset {offset}", errno.EINVAL)
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest read; clamped to the virtual size like a block device read."""
+        self._check_offset(offset)
         # The hot paths spell out _request: an async context manager costs
         # several microseconds per call, a third of the budget per request.
         if self.quiesce_counter:
@@ -150,6 +163,7 @@ class BlockBackend:
         returns how many bytes the device has there (fewer past its end).
         It awaits only before it starts filling the buffer: once the buffer
         holds this read's bytes, nothing else runs before the caller does."""
+        self._check_offset(offset)
         if self.quiesce_counter:
             await self._wait_resumed()
         node = self.root
@@ -178,7 +192,7 @@ class BlockBackend:
         """(fd, host offset) of a guest cluster, filling the map on a miss;
         None when the cluster is not one run of data in one file."""
         hit = self._map.get(index)
-        if hit is None:
+        if hit is None and index not in self._unmappable:
             self._fill_map(index)
             hit = self._map.get(index)
         return hit
@@ -212,20 +226,38 @@ class BlockBackend:
     def _fill_map(self, index: int) -> None:
         """Resolve the FILL_CLUSTERS-aligned group of clusters around `index`
         in one pass through the chain (one block-status walk per layer, not
-        one per cluster), mapping every cluster that is one run of data."""
-        bits = self._map_bits
-        if len(self._map) >= MAP_LIMIT:
+        one per cluster), mapping every cluster that is one run of data and
+        noting the others as unmappable. If the group holds a corrupt entry,
+        only the cluster asked for is resolved: a read of a sound cluster
+        never fails for its neighbour's sake."""
+        if len(self._map) + len(self._unmappable) >= MAP_LIMIT:
             self._map.clear()
-        start = (index & -FILL_CLUSTERS) << bits
-        for guest, length, file, host in self.root.resolve_runs(start, min(FILL_CLUSTERS << bits, self.size - start)):
+            self._unmappable.clear()
+        first = index & -FILL_CLUSTERS
+        try:
+            self._map_clusters(first, FILL_CLUSTERS)
+        except FormatError:
+            try:
+                self._map_clusters(index, 1)
+            except FormatError:
+                pass  # the read itself takes the slow path and reports it
+
+    def _map_clusters(self, first: int, count: int) -> None:
+        bits = self._map_bits
+        start = first << bits
+        found: dict[int, tuple[int, int]] = {}
+        for guest, length, file, host in self.root.resolve_runs(start, min(count << bits, self.size - start)):
             if file is None:
                 continue
             end = guest + length
-            first = -(-guest >> bits)  # clusters wholly inside the run
-            last = (end >> bits) + (end == self.size and end & self._map_mask != 0)
+            lo = -(-guest >> bits)  # clusters wholly inside the run
+            hi = (end >> bits) + (end == self.size and end & self._map_mask != 0)
             fd, base = file.fd, host - guest  # type: ignore[attr-defined]
-            for c in range(first, last):
-                self._map[c] = (fd, base + (c << bits))
+            for c in range(lo, hi):
+                found[c] = (fd, base + (c << bits))
+        self._map.update(found)
+        last = min(first + count, -(-self.size >> bits))
+        self._unmappable.update(c for c in range(first, last) if c not in found)
 
     def _unmap(self, offset: int, length: int) -> None:
         first, last = offset >> self._map_bits, (offset + max(length, 1) - 1) >> self._map_bits
@@ -234,11 +266,14 @@ class BlockBackend:
         else:
             for index in range(first, last + 1):
                 self._map.pop(index, None)
+                self._unmappable.discard(index)
                 self._in_place.pop(index, None)
 
     def invalidate_map(self) -> None:
-        """Forget every resolved cluster (call before the chain's layout changes)."""
+        """Forget every resolved cluster (call before the chain's layout
+        changes; the end of every drain does it too)."""
         self._map.clear()
+        self._unmappable.clear()
         self._in_place.clear()
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -303,6 +338,7 @@ class BlockBackend:
         assert self.quiesce_counter > 0, "drained_end without drained_begin"
         self.quiesce_counter -= 1
         if self.quiesce_counter == 0:
+            self.invalidate_map()  # whatever ran drained may have moved data
             if self.dev_ops is not None:
                 self.dev_ops.drained_end()
             self._resumed.set()

@@ -155,7 +155,7 @@ class Qcow2Driver:
 
     def l2_table(self, l1_index: int) -> tuple[int, array | None]:
         """(host offset, entries) of the L2 table for one L1 index, (0, None) if none."""
-        if l1_index >= len(self.l1):
+        if not 0 <= l1_index < len(self.l1):
             raise CorruptImage(self.filename, f"guest offset beyond the L1 table (index {l1_index})")
         offset = l1_l2_offset(self.l1[l1_index])
         if not offset:

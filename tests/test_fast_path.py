@@ -20,6 +20,8 @@ from imgchain.backend import BlockBackend
 from imgchain.blkdebug import BlkDebug, Rule
 from imgchain.chain import close_chain, open_backing_chain, open_chain
 from imgchain.create import create_image
+from imgchain.errors import ImageIOError
+from imgchain.formats import FormatError
 from imgchain.fuse.export import BlockExport
 
 from .conftest import assert_qemu_clean, qemu_img, qemu_io
@@ -147,6 +149,8 @@ async def test_fast_paths_step_aside_while_drained_or_with_fault_rules(chain3: P
         async with backend.drained():
             assert backend.read_now(0, 4 * KIB) is None
             assert not backend.write_now(8 * KIB, b"\x83" * 100)
+        assert backend.read_now(0, 4 * KIB) is None  # the end of a drain forgets the map
+        await backend.read(0, 4 * KIB)
         backend.debug = BlkDebug([Rule(image="top", op="read", delay_ms=1)])
         assert backend.read_now(0, 4 * KIB) is None
         assert not backend.write_now(8 * KIB, b"\x84" * 100)
@@ -186,3 +190,55 @@ async def test_a_large_read_waiting_in_a_drain_does_not_share_the_buffer(chain3:
         for off, data in results.items():
             assert data == backend.root.read(off, 128 * KIB)
         assert len(results) == 3
+
+
+async def test_a_corrupt_neighbour_does_not_fail_a_read_of_a_sound_cluster(tmp_path: Path) -> None:
+    image = tmp_path / "c.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "8M", check=True)
+    assert qemu_io(image, "write -P 0x11 0 64k", "write -P 0x22 320k 64k", fmt="qcow2").returncode == 0
+    with open(image, "r+b") as f:  # L2 entry 5: host offset moved off its cluster boundary
+        f.seek(40)
+        l1 = int.from_bytes(f.read(8), "big")
+        f.seek(l1)
+        l2 = int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00
+        f.seek(l2 + 5 * 8)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2 + 5 * 8)
+        f.write((entry + 512).to_bytes(8, "big"))
+    top = open_backing_chain(str(image), writable=False)
+    try:
+        backend = BlockBackend(top)
+        assert await backend.read(0, 4 * KIB) == b"\x11" * 4 * KIB
+        assert backend.read_now(4 * KIB, 4 * KIB) == b"\x11" * 4 * KIB
+        with pytest.raises(FormatError, match="unaligned"):
+            await backend.read(5 * 64 * KIB, 4 * KIB)
+    finally:
+        close_chain(top)
+
+
+async def test_negative_offsets_are_refused(chain3: Path) -> None:
+    with backend_on(chain3) as backend:
+        await backend.read(backend.size - 4 * KIB, 4 * KIB)  # map the last clusters
+        for call in (backend.read(-4 * KIB, 10), backend.read_into(-4 * KIB, memoryview(bytearray(10)))):
+            with pytest.raises(ImageIOError, match="negative offset"):
+                await call
+        assert backend.read_now(-4 * KIB, 10) is None
+
+
+async def test_clusters_that_cannot_be_mapped_are_resolved_once(chain3: Path) -> None:
+    with backend_on(chain3) as backend:
+        await backend.write_zeroes(64 * KIB, 64 * KIB)  # zero clusters: never mapped
+        walks = []
+        resolve_runs = backend.root.resolve_runs
+
+        def counting(offset: int, length: int):
+            walks.append(offset)
+            return resolve_runs(offset, length)
+
+        backend.root.resolve_runs = counting  # type: ignore[method-assign]
+        for _ in range(3):
+            assert await backend.read(80 * KIB, 4 * KIB) == bytes(4 * KIB)
+        assert len(walks) == 1
+        await backend.write(80 * KIB, b"\x99" * 10)  # the cluster changes: resolved again
+        assert (await backend.read(80 * KIB, 4 * KIB))[:10] == b"\x99" * 10
+        assert len(walks) == 2
