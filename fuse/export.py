@@ -125,7 +125,7 @@ class BlockExport(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         try:  # inline rather than _translated: this is the hottest path
             data = self.backend.read_now(off, size)
             if data is not None:

@@ -137,26 +137,11 @@ class BlockBackend:
         if offset < 0:
             raise ImageIOError(f"{self.name}: read at negative offset {offset}", errno.EINVAL)
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> bytearray:
         """Guest read; clamped to the virtual size like a block device read."""
-        self._check_offset(offset)
-        # The hot paths spell out _request: an async context manager costs
-        # several microseconds per call, a third of the budget per request.
-        if self.quiesce_counter:
-            await self._wait_resumed()
-        node = self.root
-        self._begin()
-        try:
-            length = max(0, min(length, node.size - offset))
-            if self.debug.rules:
-                await self.debug.delay(node, "read", offset, length)
-            elif length and offset >> self._map_bits == (offset + length - 1) >> self._map_bits:
-                data = self._read_mapped(offset, length)
-                if data is not None:
-                    return data
-            return node.read(offset, length)
-        finally:
-            self._end()
+        buf = bytearray(max(0, min(length, self.size - max(offset, 0))))
+        await self.read_into(offset, memoryview(buf))
+        return buf
 
     async def read_into(self, offset: int, view: memoryview) -> int:
         """Guest read into the caller's buffer (any old content is replaced);
@@ -164,6 +149,8 @@ class BlockBackend:
         It awaits only before it starts filling the buffer: once the buffer
         holds this read's bytes, nothing else runs before the caller does."""
         self._check_offset(offset)
+        # The hot paths spell out _request: an async context manager costs
+        # several microseconds per call, a third of the budget per request.
         if self.quiesce_counter:
             await self._wait_resumed()
         node = self.root
@@ -178,15 +165,6 @@ class BlockBackend:
             return length
         finally:
             self._end()
-
-    def _read_mapped(self, offset: int, length: int) -> bytes | None:
-        """A read inside one cluster through the map, resolving the cluster
-        first if needed; None when its data is not one run in one file."""
-        hit = self._lookup(offset >> self._map_bits)
-        if hit is None:
-            return None
-        data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
-        return data if len(data) == length else None
 
     def _lookup(self, index: int) -> tuple[int, int] | None:
         """(fd, host offset) of a guest cluster, filling the map on a miss;
