@@ -221,6 +221,8 @@ class BlockBackend:
                 pass  # the read itself takes the slow path and reports it
 
     def _map_clusters(self, first: int, count: int) -> None:
+        """Map `count` clusters from `first` (all or none: resolution errors
+        propagate before anything is recorded)."""
         bits = self._map_bits
         start = first << bits
         found: dict[int, tuple[int, int]] = {}
