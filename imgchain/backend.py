@@ -129,7 +129,7 @@ class BlockBackend:
                 or (offset + len(data) - 1) >> self._map_bits != index or offset + len(data) > self.size):
             return False
         at = host + (offset & self._map_mask)
-        if os.pwrite(self._root_fd, data, at) != len(data):  # short: write the rest
+        if os.pwrite(self._root_fd, data, at) != len(data):  # short: write it all again
             self.root.driver.file.pwrite(at, data)
         return True
 

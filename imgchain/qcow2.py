@@ -299,7 +299,7 @@ class Qcow2Driver:
         l2_offset, table = self._l2_for_write(self.geo.l1_index(offset))
         first, last = offset // cs, (offset + len(data) - 1) // cs
         base = self.geo.l2_index(offset) - first
-        fresh = [c for c in range(first, last + 1) if not self._in_place(table[base + c])]
+        fresh = [c for c in range(first, last + 1) if not self._needs_no_allocation(table[base + c])]
         next_host = refcounts.allocate(len(fresh)) if fresh else 0
         writes: list[tuple[int, bytes | memoryview]] = []
         updates: dict[int, int] = {}
@@ -340,7 +340,8 @@ class Qcow2Driver:
         return (entry & L2E_OFFSET_MASK) + offset % self.geo.cluster_size
 
     @staticmethod
-    def _in_place(entry: int) -> bool:
+    def _needs_no_allocation(entry: int) -> bool:
+        """An allocated cluster of this image (data or zeroed) with COPIED."""
         kind = classify_l2(entry)
         return kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and bool(entry & QCOW_OFLAG_COPIED)
 
