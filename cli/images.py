@@ -11,7 +11,7 @@ from imgchain import create as create_mod
 from imgchain import rebase as rebase_mod
 from imgchain.errors import USER_ERRORS
 
-from .main import SIZE, error_text, fail, main, output_option, parse_size, print_json, user_errors
+from .common import SIZE, error_text, fail, main, output_option, parse_size, print_json, user_errors
 
 CREATE_OPTIONS = ("cluster_size", "backing_file", "backing_fmt")
 

@@ -15,7 +15,7 @@ from imgchain.errors import ImgchainError
 from imgchain.qmp_client import QmpClient, QmpClientError
 from imgchain.runtime import find_by_mountpoint, live_records, runtime_dir
 
-from .main import main, output_option, user_errors
+from .common import main, output_option, user_errors
 
 START_TIMEOUT = 120
 STOP_TIMEOUT = 300
