@@ -23,7 +23,10 @@ STOP_TIMEOUT = 300
 
 def _daemon_argv(image: str, mountpoint: str, read_only: bool, allow_other: bool,
                  qmp: str | None, device: str) -> list[str]:
-    argv = [sys.executable, "-m", "imgchain.fuse.daemon", image, mountpoint, "--device-name", device]
+    # -P: the current directory does not go first on the daemon's sys.path, so a
+    # clone's imgchain/ folder (which holds neither formats/ nor fuse/) cannot
+    # shadow the installed package.
+    argv = [sys.executable, "-P", "-m", "imgchain.fuse.daemon", image, mountpoint, "--device-name", device]
     if read_only:
         argv.append("--read-only")
     if allow_other:
