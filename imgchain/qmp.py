@@ -10,8 +10,9 @@ whose clients each get a session, plus event broadcast.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -19,6 +20,11 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from .errors import ImgchainError
+from .qmp_json import JsonError, JsonStreamer, encode_message
+
+log = logging.getLogger("imgchain.qmp")
+RECEIVE_SIZE = 16384  # bytes framed per turn of the loop: a few milliseconds at most
+LISTEN_BACKLOG = max(128, socket.SOMAXCONN)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 TYPES = {"str": (str, "string"), "int": (int, "int"), "bool": (bool, "boolean"),
@@ -65,7 +71,7 @@ def greeting(version: tuple[int, int, int], package: str) -> dict[str, Any]:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return (json.dumps(message) + "\r\n").encode()
+    return encode_message(message)
 
 
 def event_message(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -84,37 +90,19 @@ def error_reply(desc: str, error_class: str = "GenericError", msg_id: Any = None
 class QmpSession:
     """One client's protocol state (pure: no I/O)."""
 
-    MAX_BUFFER = 1 << 20
-
     def __init__(self, commands: dict[str, Command]) -> None:
         self.commands = commands
         self.negotiated = False
-        self._buffer = ""
+        self._streamer = JsonStreamer()
 
     def feed(self, data: bytes) -> list[Any]:
-        """Parse what arrived; returns requests (dicts) and ready error replies
-        (tuples ("reply", message)) in order. An incomplete object waits for
+        """Parse what arrived; returns requests and ready error replies
+        (tuples ("reply", message)) in order. An incomplete message waits for
         more bytes, as QEMU's JSON streamer does; a broken one is answered
-        with an error and the rest of its line is dropped."""
-        self._buffer += data.decode("utf-8", "replace")
-        out: list[Any] = []
-        while True:
-            text = self._buffer.lstrip()
-            end = _document_end(text)
-            if end is None:
-                if len(text) > self.MAX_BUFFER:
-                    out.append(("reply", error_reply("JSON parse error, request too large")))
-                    text = ""
-                self._buffer = text
-                return out
-            try:
-                value = json.loads(text[:end])
-            except json.JSONDecodeError as exc:
-                self._buffer = _skip_line(text)
-                out.append(("reply", error_reply(f"JSON parse error, {exc.msg}")))
-                continue
-            self._buffer = text[end:]
-            out.append(value)
+        with one error (qmp_json says which inputs are refused and how the
+        stream picks up again)."""
+        return [("reply", error_reply(m.desc)) if isinstance(m, JsonError) else m
+                for m in self._streamer.feed(data)]
 
     def check_request(self, msg: Any) -> tuple[Command, dict[str, Any]]:
         """Validate a request's shape and negotiation state; QmpError if bad."""
@@ -160,42 +148,13 @@ class QmpSession:
             return error_reply(exc.desc, exc.error_class, msg_id)
         except (ImgchainError, OSError) as exc:
             return error_reply(str(exc), "GenericError", msg_id)
+        except Exception as exc:  # a defect must cost one reply, never the session
+            log.exception("QMP command failed")
+            return error_reply(f"internal error: {type(exc).__name__}: {exc}", "GenericError", msg_id)
         reply: dict[str, Any] = {"return": {} if result is None else result}
         if msg_id is not None:
             reply["id"] = msg_id
         return reply
-
-
-def _document_end(text: str) -> int | None:
-    """Where the first top-level JSON document of `text` ends, None if it has not ended yet.
-
-    Tracks brackets outside strings, as QEMU's streamer does; a top-level
-    value that is not an object or array ends at its line's end."""
-    depth, in_string, escaped = 0, False, False
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth <= 0:
-                return i + 1
-        elif ch == "\n" and depth == 0:
-            return i + 1
-    return None
-
-
-def _skip_line(text: str) -> str:
-    newline = text.find("\n")
-    return "" if newline < 0 else text[newline + 1:]
 
 
 @dataclass(eq=False)
@@ -228,7 +187,7 @@ class QmpServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(16)
+        sock.listen(LISTEN_BACKLOG)
         listener = trio.SocketListener(sock)
         task_status.started()
         await trio.serve_listeners(self._handle, [listener])
@@ -238,12 +197,14 @@ class QmpServer:
         self._clients.append(client)
         try:
             await client.send(encode(self.hello))
-            async for chunk in stream:
+            while chunk := await stream.receive_some(RECEIVE_SIZE):
                 for item in client.session.feed(chunk):
                     reply = item[1] if isinstance(item, tuple) else await client.session.execute(item)
                     await client.send(encode(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:  # a defect closes this client only, never the server
+            log.exception("QMP session ended by an internal error")
         finally:
             self._clients.remove(client)
             await stream.aclose()

@@ -6,27 +6,44 @@ capabilities, and runs commands, skipping the events that arrive in between.
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
+import time
 from typing import Any
 
 from .errors import ImgchainError
+
+CONNECT_RETRY_SECONDS = 5.0  # a burst of clients can fill the daemon's listen backlog
 
 
 class QmpClientError(ImgchainError):
     """The daemon answered with an error, or could not be reached."""
 
 
+def _connect(path: str, timeout: float | None) -> socket.socket:
+    """A connected socket; EAGAIN (the listen backlog is full) is retried
+    briefly, any other failure is reported at once."""
+    deadline = time.monotonic() + CONNECT_RETRY_SECONDS
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EAGAIN or time.monotonic() >= deadline:
+                raise QmpClientError(f"cannot reach the daemon at '{path}': {exc.strerror}") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class QmpClient:
     def __init__(self, path: str, timeout: float | None = 60) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise QmpClientError(f"cannot reach the daemon at '{path}': {exc.strerror}") from None
+        self.sock = _connect(path, timeout)
         self._file = self.sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
         hello = self._receive()

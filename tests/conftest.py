@@ -48,6 +48,11 @@ def assert_qemu_clean(*images: str | os.PathLike[str]) -> None:
 @pytest.fixture
 def chain3(tmp_path: Path) -> Path:
     """base.raw (4 MiB, patterned) <- mid.qcow2 <- top.qcow2 (4 KiB clusters); returns top."""
+    return make_chain3(tmp_path)
+
+
+def make_chain3(tmp_path: Path) -> Path:
+    """The chain of the `chain3` fixture, made in `tmp_path`."""
     base = tmp_path / "base.raw"
     create_image(str(base), "raw", 4 << 20)
     with open(base, "r+b") as f:
