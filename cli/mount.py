@@ -1,10 +1,20 @@
-"""Mount commands: mount, unmount, mounts."""
+"""Mount commands: mount, unmount, mounts; and recovery when a mount's daemon has died.
+
+`mount` starts the daemon (imgchain.fuse.daemon) in the background and waits
+for its readiness line; when the daemon cannot start, the one-line error
+says why (the daemon's own message, libfuse's or fusermount3's, or the last
+line of a crash), not only where the log is. A daemon that died (kill -9,
+the OOM killer) leaves a dead FUSE mount: `unmount` detaches it and says so,
+`mount` onto it clears it first, and `mounts` shows it as dead.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -12,14 +22,21 @@ import time
 import click
 
 from imgchain.errors import ImgchainError
+from imgchain.fuse.recovery import connection_dead, is_dead_mount, is_imgchain_mount, recover
 from imgchain.qmp_client import QmpClient, QmpClientError
-from imgchain.runtime import find_by_mountpoint, live_records, runtime_dir
+from imgchain.runtime import (MountRecord, create_log, current_records, find_by_mountpoint,
+                              open_private, runtime_dir, signal_daemon)
 
-from .common import main, output_option, user_errors
+from .common import main, notice, output_option, user_errors
 
 START_TIMEOUT = 120
 STOP_TIMEOUT = 300
+LOG_TAIL = 64 * 1024
+# The last line of a Python traceback: "ModuleNotFoundError: No module named ...".
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(: .*)?$")
 
+
+# -- start --------------------------------------------------------------------
 
 def _daemon_argv(image: str, mountpoint: str, read_only: bool, allow_other: bool,
                  qmp: str | None, device: str) -> list[str]:
@@ -36,8 +53,33 @@ def _daemon_argv(image: str, mountpoint: str, read_only: bool, allow_other: bool
     return argv
 
 
-def _wait_ready(read_fd: int, proc: subprocess.Popen[bytes], log_path: str) -> str:
+def _log_tail(name: str) -> list[str]:
+    """The last lines of a daemon's log (opened without following symlinks)."""
+    try:
+        fd = open_private(name, os.O_RDONLY)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - LOG_TAIL))
+        return [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+
+
+def startup_failure(lines: list[str]) -> str:
+    """Why a daemon died before it was ready, from its log: libfuse's or
+    fusermount3's own message, else the exception that ended it, else its last line."""
+    fuse = [line for line in lines if line.startswith(("fusermount3:", "fuse:"))]
+    if fuse:
+        return fuse[-1]
+    crash = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    if crash:
+        return crash[-1]
+    return lines[-1] if lines else "no message"
+
+
+def _wait_ready(read_fd: int, proc: subprocess.Popen[bytes], log_name: str) -> str:
     """The daemon's one readiness line ("OK socket" / "ERR message")."""
+    log_path = os.path.join(runtime_dir(), log_name)
     data = b""
     deadline = time.monotonic() + START_TIMEOUT
     while not data.endswith(b"\n"):
@@ -54,24 +96,91 @@ def _wait_ready(read_fd: int, proc: subprocess.Popen[bytes], log_path: str) -> s
         return line[3:]
     if line.startswith("ERR "):
         raise ImgchainError(line[4:])
-    raise ImgchainError(f"the daemon exited during start-up (log: {log_path})")
+    proc.wait()
+    raise ImgchainError(f"the daemon exited during start-up: {startup_failure(_log_tail(log_name))} "
+                        f"(log: {log_path})")
 
 
 def _start_daemon(argv: list[str]) -> tuple[int, str]:
-    log_dir = runtime_dir()
-    tmp_log = os.path.join(log_dir, f"starting-{os.getpid()}.log")
+    starting = f"starting-{os.getpid()}.log"
+    log_fd = create_log(starting)
     read_fd, write_fd = os.pipe()
-    with open(tmp_log, "ab") as log:
-        proc = subprocess.Popen([*argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    os.close(write_fd)
-    log_path = os.path.join(log_dir, f"mount-{proc.pid}.log")
-    os.replace(tmp_log, log_path)
     try:
-        return proc.pid, _wait_ready(read_fd, proc, log_path)
+        proc = subprocess.Popen([*argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,),
+                                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True)
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    log_name = f"mount-{proc.pid}.log"
+    directory = runtime_dir()
+    os.replace(os.path.join(directory, starting), os.path.join(directory, log_name))
+    try:
+        return proc.pid, _wait_ready(read_fd, proc, log_name)
     finally:
         os.close(read_fd)
 
+
+# -- dead mounts --------------------------------------------------------------
+
+def _leaks_note(record: MountRecord | None) -> None:
+    image = record.image if record else "IMAGE"
+    notice(f"{image}: after a crash `imgchain check` may report leaked clusters (exit 3); "
+           f"they are harmless, and `imgchain check -r leaks {image}` repairs them")
+
+
+def _clear_dead_mount(mountpoint: str) -> None:
+    """Before mounting: clean up a dead imgchain mount left on `mountpoint`."""
+    if not is_dead_mount(mountpoint):
+        return
+    record = find_by_mountpoint(mountpoint)
+    if record is not None and record.daemon_running():
+        raise ImgchainError(f"{mountpoint}: the mount's FUSE connection is gone but its daemon "
+                            f"(pid {record.pid}) still runs; stop it with `imgchain unmount`")
+    recover(mountpoint, record)
+    who = f" (pid {record.pid})" if record else ""
+    notice(f"{mountpoint}: cleaned up a dead mount: its daemon{who} had died")
+    _leaks_note(record)
+
+
+def _recover_dead(mountpoint: str, record: MountRecord | None) -> None:
+    """unmount of a mount whose daemon is not running: detach it and say so."""
+    if record is None and not is_imgchain_mount(mountpoint):
+        raise ImgchainError(f"{mountpoint}: is not an imgchain mount")
+    if is_imgchain_mount(mountpoint) and not connection_dead(mountpoint):
+        pid = f" (pid {record.pid})" if record else ""
+        raise ImgchainError(f"{mountpoint}: its daemon{pid} cannot be identified; "
+                            "unmount it with `fusermount3 -u`")
+    detached = recover(mountpoint, record)
+    who = f" (pid {record.pid})" if record else ""
+    done = "detached the dead mount" if detached else "it was no longer mounted"
+    notice(f"{mountpoint}: the daemon{who} had died; {done}")
+    _leaks_note(record)
+
+
+# -- stop ---------------------------------------------------------------------
+
+def _wait_exit(record: MountRecord, timeout: float) -> bool:
+    """Wait until the record's daemon no longer runs (a zombie does not)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not record.daemon_running():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _stop(record: MountRecord, mountpoint: str) -> None:
+    """Ask a running daemon to quit (QMP, else SIGTERM to that very process) and wait."""
+    try:
+        with QmpClient(record.socket) as client:
+            client.execute("quit")
+    except QmpClientError:
+        signal_daemon(record, signal.SIGTERM)  # no control socket: SIGTERM ends it cleanly too
+    if not _wait_exit(record, STOP_TIMEOUT):
+        raise ImgchainError(f"{mountpoint}: the daemon (pid {record.pid}) did not exit")
+
+
+# -- commands -----------------------------------------------------------------
 
 @main.command()
 @click.option("--read-only", is_flag=True, help="Refuse writes (EROFS).")
@@ -85,6 +194,7 @@ def _start_daemon(argv: list[str]) -> tuple[int, str]:
 def mount(read_only: bool, foreground: bool, allow_other: bool, qmp: str | None,
           device_name: str, image: str, mountpoint: str) -> None:
     """Expose IMAGE's chain as the regular file MOUNTPOINT (created if absent)."""
+    _clear_dead_mount(mountpoint)
     if foreground:
         from imgchain.fuse.daemon import MountOptions, run_mount
         opts = MountOptions(image, mountpoint, read_only, allow_other, qmp, device_name)
@@ -95,53 +205,43 @@ def mount(read_only: bool, foreground: bool, allow_other: bool, qmp: str | None,
     click.echo(f"{mountpoint}: mounted {image} (pid {pid}, QMP socket {socket})")
 
 
-def _running(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting for its parent."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running(pid):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 @main.command()
 @click.argument("mountpoint")
 @user_errors()
 def unmount(mountpoint: str) -> None:
-    """Flush and unmount MOUNTPOINT, and wait for its daemon to exit."""
+    """Flush and unmount MOUNTPOINT, and wait for its daemon to exit.
+
+    If the daemon had died (kill -9, out of memory), detach its dead mount."""
     record = find_by_mountpoint(mountpoint)
-    if record is None:
-        raise ImgchainError(f"'{mountpoint}' is not an imgchain mount")
-    try:
-        with QmpClient(record.socket) as client:
-            client.execute("quit")
-    except QmpClientError:
-        os.kill(record.pid, 15)  # no control socket: SIGTERM ends it cleanly too
-    if not _wait_exit(record.pid, STOP_TIMEOUT):
-        raise ImgchainError(f"'{mountpoint}': the daemon (pid {record.pid}) did not exit")
+    if record is not None and record.daemon_running():
+        _stop(record, mountpoint)
+        if not is_dead_mount(mountpoint):
+            return
+        record = find_by_mountpoint(mountpoint)  # it died instead of unmounting
+    _recover_dead(mountpoint, record)
+
+
+def _mount_doc(record: MountRecord) -> dict[str, object]:
+    return {"mountpoint": record.mountpoint, "image": record.image, "pid": record.pid,
+            "state": record.state(), "socket": record.socket, "device": record.device,
+            "read-only": record.read_only, "max-background": record.max_background,
+            "nodes": record.nodes}
 
 
 @main.command()
 @output_option
 @user_errors()
 def mounts(output: str) -> None:
-    """List live mounts: mount point, image, pid, control socket, nodes."""
-    records = live_records()
-    docs = [{"mountpoint": r.mountpoint, "image": r.image, "pid": r.pid, "socket": r.socket,
-             "device": r.device, "read-only": r.read_only, "nodes": r.nodes} for r in records]
+    """List mounts: mount point, image, pid, state, control socket, nodes.
+
+    A mount whose daemon died is listed as dead until `imgchain unmount` clears it."""
+    docs = [_mount_doc(r) for r in current_records()]
     if output == "json":
         click.echo(json.dumps(docs, indent=4))
         return
     for d in docs:
-        nodes = ", ".join(f"{n['node-name']}={n['file']}" for n in d["nodes"])
+        nodes = ", ".join(f"{n['node-name']}={n['file']}" for n in d["nodes"])  # type: ignore[attr-defined]
         ro = " (read-only)" if d["read-only"] else ""
-        click.echo(f"{d['mountpoint']}{ro}: {d['image']} pid {d['pid']} socket {d['socket']}\n  nodes: {nodes}")
+        dead = " DEAD: the daemon died; `imgchain unmount` detaches it" if d["state"] == "dead" else ""
+        click.echo(f"{d['mountpoint']}{ro}: {d['image']} pid {d['pid']} socket {d['socket']}{dead}\n"
+                   f"  nodes: {nodes}")

@@ -6,7 +6,14 @@ the mount point file, serves the QMP socket, writes the runtime record once
 the file is live, and reports readiness. It ends on QMP `quit`, SIGTERM,
 SIGINT, or an external unmount (`umount`, `fusermount3 -u`), and then always
 unmounts, flushes, closes the images (releasing the locks) and removes its
-record and socket. Run as `python -m imgchain.fuse.daemon` by `imgchain mount`.
+record and socket. Run as `python -P -m imgchain.fuse.daemon` by `imgchain mount`.
+
+When the mount cannot be made, the error names libfuse's or fusermount3's
+reason (they print it on stderr, which is captured around the mount). Once
+mounted, it raises the connection's `max_background` (FUSE's queue of
+asynchronous requests, 12 by default) to 64 through the fusectl filesystem,
+mounting fusectl first when it is missing and the daemon runs as root (as
+systemd does at boot); the effective value goes into the record.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,12 +34,13 @@ import trio
 
 from imgchain.daemon import Daemon
 from imgchain.errors import USER_ERRORS, ImgchainError
-from imgchain.runtime import MountRecord, remove_record, runtime_dir, write_record
+from imgchain.runtime import MountRecord, mounted_fstype, remove_record, runtime_dir, write_record
 
 from .export import BlockExport
 
 log = logging.getLogger("imgchain.fuse")
 MAX_BACKGROUND = 64
+FUSECTL = "/sys/fs/fuse/connections"
 
 
 @dataclass
@@ -71,24 +81,47 @@ def _fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
-def _raise_max_background(mountpoint: str) -> None:
-    """pyfuse3 cannot set max_background; the connection's sysfs file can (root only)."""
-    minor = os.minor(os.stat(mountpoint).st_dev)
+def mount_fusectl() -> None:
+    """Mount the FUSE control filesystem where it is missing (root only, as systemd does)."""
+    if os.geteuid() != 0 or not os.path.isdir(FUSECTL) or mounted_fstype(FUSECTL) == "fusectl":
+        return
+    proc = subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, text=True)
+    if proc.returncode == 0:
+        log.info("fusectl was not mounted: mounted it on %s", FUSECTL)
+    else:
+        log.warning("cannot mount fusectl on %s: %s", FUSECTL, proc.stderr.strip())
+
+
+def raise_max_background(mountpoint: str) -> int | None:
+    """Raise the connection's max_background (pyfuse3 cannot; its fusectl file can,
+    for root); returns the effective value, None when it cannot be read."""
+    mount_fusectl()
+    path = f"{FUSECTL}/{os.minor(os.stat(mountpoint).st_dev)}/max_background"
     try:
-        with open(f"/sys/fs/fuse/connections/{minor}/max_background", "w") as f:
+        with open(path, "w") as f:
             f.write(str(MAX_BACKGROUND))
     except OSError as exc:
-        log.info("max_background left at its default: %s", exc)
+        log.info("max_background not raised: %s", exc)
+    try:
+        with open(path) as f:
+            value = int(f.read())
+    except (OSError, ValueError) as exc:
+        log.info("max_background unknown: %s", exc)
+        return None
+    log.info("max_background is %d (%s)", value, path)
+    return value
 
 
-async def _announce(opts: MountOptions, daemon: Daemon, socket: str, ready: Callable[[str], None]) -> None:
+async def _announce(opts: MountOptions, daemon: Daemon, socket: str, created: bool,
+                    ready: Callable[[str], None]) -> None:
     # A stat from another thread proves the kernel sees the file through us.
-    await trio.to_thread.run_sync(_raise_max_background, opts.mountpoint)
+    max_background = await trio.to_thread.run_sync(raise_max_background, opts.mountpoint)
     nodes = [{"node-name": n.node_name, "file": os.path.abspath(n.filename), "format": n.format_name}
              for n in daemon.nodes]
-    write_record(MountRecord(pid=os.getpid(), mountpoint=os.path.abspath(opts.mountpoint),
-                             image=os.path.abspath(opts.image), socket=socket, device=opts.device,
-                             read_only=opts.read_only, nodes=nodes))
+    write_record(MountRecord.for_this_process(
+        mountpoint=os.path.abspath(opts.mountpoint), image=os.path.abspath(opts.image), socket=socket,
+        device=opts.device, read_only=opts.read_only, nodes=nodes, created_mountpoint=created,
+        max_background=max_background))
     ready(socket)
 
 
@@ -104,10 +137,11 @@ async def _terminate_when_asked(daemon: Daemon) -> None:
     pyfuse3.terminate()
 
 
-async def _serve(opts: MountOptions, daemon: Daemon, socket: str, ready: Callable[[str], None]) -> None:
+async def _serve(opts: MountOptions, daemon: Daemon, socket: str, created: bool,
+                 ready: Callable[[str], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve_qmp(socket).serve)
-        nursery.start_soon(_announce, opts, daemon, socket, ready)
+        nursery.start_soon(_announce, opts, daemon, socket, created, ready)
         nursery.start_soon(_stop_on, daemon)
         nursery.start_soon(_terminate_when_asked, daemon)
         await pyfuse3.main()
@@ -126,19 +160,49 @@ def run_mount(opts: MountOptions, ready: Callable[[str], None]) -> None:
         raise
     try:
         export = BlockExport(daemon.backend, opts.read_only, os.stat(opts.mountpoint))
-        pyfuse3.init(export, opts.mountpoint, _fuse_options(opts))
+        mount_export(export, opts)
         try:
-            trio.run(_serve, opts, daemon, socket, ready)
+            trio.run(_serve, opts, daemon, socket, created, ready)
         finally:
             _unmount()
     finally:
         daemon.close()
         remove_record(os.getpid())
-        for path in [socket] + ([opts.mountpoint] if created else []):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        _remove_own_file(socket, stat.S_IFSOCK)
+        if created:
+            _remove_own_file(opts.mountpoint, stat.S_IFREG)
+
+
+def _remove_own_file(path: str, kind: int) -> None:
+    """Delete a file this daemon made (its socket, its mount point) if it still is one."""
+    try:
+        if stat.S_IFMT(os.lstat(path).st_mode) == kind:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def mount_export(export: BlockExport, opts: MountOptions) -> None:
+    """pyfuse3.init, with libfuse's or fusermount3's reason in the error when it fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as said:
+        os.dup2(said.fileno(), 2)  # fusermount3 is a child: it writes to our fd 2
+        try:
+            pyfuse3.init(export, opts.mountpoint, _fuse_options(opts))
+            failure = None
+        except RuntimeError as exc:
+            failure = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        text = said.read()
+    os.write(2, text)  # the log keeps it too
+    if failure is not None:
+        lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
+        reason = lines[-1] if lines else str(failure)
+        raise ImgchainError(f"{opts.mountpoint}: cannot mount: {reason}")
 
 
 def _unmount() -> None:
