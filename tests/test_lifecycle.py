@@ -298,3 +298,26 @@ def test_logs_and_records_never_follow_symlinks(tmp_path: Path, monkeypatch: pyt
     runtime.write_record(record)
     assert victim.read_text() == "precious"
     assert runtime.records() == [record]
+
+
+# -- 6. max_background really raised -------------------------------------------
+
+def test_max_background_raised_with_fusectl_mounted_first(chain3: Path) -> None:
+    """In a mount namespace of its own where fusectl is not mounted (as on these machines
+    at boot), the root daemon mounts fusectl, raises max_background to 64, logs it, and
+    `mounts --output json` shows the effective value."""
+    require_fuse()
+    assert os.geteuid() == 0, "this test runs as root (make test does)"
+    disk = chain3.parent / "disk.img"
+    script = ('umount /sys/fs/fuse/connections 2>/dev/null; '
+              'grep -q " - fusectl " /proc/self/mountinfo && exit 9; '
+              '"$0" mount "$1" "$2" >/dev/null || exit 1; '
+              '"$0" mounts --output json; s=$?; "$0" unmount "$2"; exit $s')
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, IMGCHAIN, chain3, disk],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [doc] = [d for d in json.loads(proc.stdout) if d["mountpoint"] == str(disk.resolve())]
+    assert doc["max-background"] == 64
+    log = (Path(os.environ["IMGCHAIN_RUNTIME_DIR"]) / f"mount-{doc['pid']}.log").read_text()
+    assert "fusectl was not mounted: mounted it on /sys/fs/fuse/connections" in log
+    assert "max_background is 64" in log
