@@ -18,6 +18,7 @@ from imgchain.formats import CorruptImage
 from imgchain.formats.qcow2_header import (
     AUTOCLEAR_BITMAPS,
     EXT_BITMAPS,
+    INCOMPAT_CORRUPT,
     Qcow2Header,
     build_cluster0,
     check_tables,
@@ -48,13 +49,15 @@ from .blockfile import BlockFile
 from .errors import ImageIOError
 from .extent import Extent, Status
 from .metacache import MetadataCache
+from .qcow2_overlap import ACTIVE_L2, MetadataMap, MetadataOverlap
 from .qcow2_pending import PendingMetadata
-from .qcow2_refcount import RefcountManager
+from .qcow2_refcount import RefcountManager, read_reftable
 
 ReadBelow = Callable[[int, int], bytes]
 """Reads guest bytes from the node's backing chain (zeros where there is none)."""
 
 AUTOCLEAR_OFFSET = 88
+INCOMPAT_OFFSET = 72
 L2_CACHE_BYTES = 32 * 1024 * 1024
 _IN_PLACE_MASK = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | 1  # NORMAL with COPIED, not zero
 MAX_DIRTY_TABLES = 256  # write back early when this many L2 tables are dirty
@@ -110,10 +113,16 @@ class Qcow2Driver:
         self.refcounts: RefcountManager | None = None
         self.pending = PendingMetadata()
         self.ordered = True  # issue barriers between dependent writes
+        # Where metadata lives; None when read-only. Set when the image is
+        # found corrupt while writing: then every further write fails.
+        self.meta: MetadataMap | None = None
+        self.corruption: str | None = None
         if file.writable:
             check_writable(filename, self.header)
+            reftable = read_reftable(file, self.header)
+            self.meta = MetadataMap.of_image(filename, self.header, self.l1, reftable, file.size())
             self._clear_autoclear()
-            self.refcounts = RefcountManager(file, self.header, self.barrier)
+            self.refcounts = RefcountManager(file, self.header, self.barrier, reftable, self.meta)
 
     # -- properties -------------------------------------------------------
 
@@ -258,7 +267,21 @@ class Qcow2Driver:
     def _require_writable(self) -> RefcountManager:
         if self.refcounts is None:
             raise ImageIOError(f"{self.filename}: image is opened read-only", 30)  # EROFS
+        if self.corruption is not None:
+            raise ImageIOError(f"{self.filename}: image is corrupt, no further writes: "
+                               f"{self.corruption}", 5)  # EIO
         return self.refcounts
+
+    def _mark_corrupt(self, exc: MetadataOverlap) -> ImageIOError:
+        """QEMU's qcow2_signal_corruption: set the corrupt bit (no read-write
+        open until `check -r all`), refuse every further write, and return
+        the EIO error that fails this one."""
+        if self.corruption is None:
+            self.corruption = exc.reason
+            self.header.incompatible_features |= INCOMPAT_CORRUPT
+            self.file.pwrite(INCOMPAT_OFFSET, encode_u64(self.header.incompatible_features))
+            self.file.flush()
+        return ImageIOError(f"{exc}; image marked corrupt", 5)  # EIO
 
     def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
         offset, table = self.l2_table(l1_index)
@@ -268,6 +291,8 @@ class Qcow2Driver:
             return offset, table
         refcounts = self._require_writable()
         offset = refcounts.allocate(1)
+        assert self.meta is not None
+        self.meta.add(offset, self.geo.cluster_size, ACTIVE_L2)
         table = array("Q", bytes(self.geo.cluster_size))
         self.l2_cache.put(offset, table)
         self.pending.mark_l2(offset, table, 0, len(table) - 1)  # a new table is written whole
@@ -276,7 +301,15 @@ class Qcow2Driver:
         return offset, table
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, read_below: ReadBelow) -> None:
-        """Write guest data; partial clusters are completed from below (COW)."""
+        """Write guest data; partial clusters are completed from below (COW).
+        A write that would land on metadata fails with EIO and marks the
+        image corrupt (qcow2_overlap)."""
+        try:
+            self._write(offset, data, read_below)
+        except MetadataOverlap as exc:
+            raise self._mark_corrupt(exc) from None
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview, read_below: ReadBelow) -> None:
         self._require_writable()
         cs = self.geo.cluster_size
         if data and offset // cs == (offset + len(data) - 1) // cs:  # hot path: in place
@@ -297,6 +330,8 @@ class Qcow2Driver:
         cs = self.geo.cluster_size
         refcounts = self._require_writable()
         l2_offset, table = self._l2_for_write(self.geo.l1_index(offset))
+        meta = self.meta
+        assert meta is not None
         first, last = offset // cs, (offset + len(data) - 1) // cs
         base = self.geo.l2_index(offset) - first
         fresh = [c for c in range(first, last + 1) if not self._needs_no_allocation(table[base + c])]
@@ -310,10 +345,12 @@ class Qcow2Driver:
             piece = data[lo - offset:hi - offset]
             kind = classify_l2(entry)
             if kind is ClusterType.NORMAL and entry & QCOW_OFLAG_COPIED:
+                meta.check_data(l2_host_offset(entry), cs)
                 writes.append((l2_host_offset(entry) + lo - c * cs, piece))
                 continue
             if kind is ClusterType.ZERO_ALLOC and entry & QCOW_OFLAG_COPIED:
                 host = l2_host_offset(entry)
+                meta.check_data(host, cs)
             else:
                 host, next_host = next_host, next_host + cs
             writes.append((host + lo - c * cs, piece))
@@ -332,12 +369,16 @@ class Qcow2Driver:
     def in_place_host(self, offset: int) -> int | None:
         """Host offset where a write at guest `offset` lands with no allocation
         or copy (an allocated cluster of this image with COPIED), else None."""
-        if self.refcounts is None:
+        meta = self.meta
+        if meta is None or self.corruption is not None:
             return None
         entry = self.l2_entry(offset)
-        if entry & _IN_PLACE_MASK != QCOW_OFLAG_COPIED or not entry & L2E_OFFSET_MASK:
+        host = entry & L2E_OFFSET_MASK
+        if entry & _IN_PLACE_MASK != QCOW_OFLAG_COPIED or not host:
             return None
-        return (entry & L2E_OFFSET_MASK) + offset % self.geo.cluster_size
+        if host >> meta.bits in meta.owner or host >= meta.end:
+            return None  # the slow path refuses it (qcow2_overlap)
+        return host + offset % self.geo.cluster_size
 
     @staticmethod
     def _needs_no_allocation(entry: int) -> bool:
@@ -402,23 +443,29 @@ class Qcow2Driver:
     def write_zeroes(self, offset: int, length: int, read_below: ReadBelow) -> None:
         """Zero a range: whole clusters become zero clusters (hiding the
         backing), partial ones are written with zeros."""
+        try:
+            self._write_zeroes(offset, length, read_below)
+        except MetadataOverlap as exc:
+            raise self._mark_corrupt(exc) from None
+
+    def _write_zeroes(self, offset: int, length: int, read_below: ReadBelow) -> None:
         self._require_writable()
         cs = self.geo.cluster_size
         end = offset + length
         first = -(-offset // cs) * cs
         last = end if end == self.size else end // cs * cs
         if first >= last:
-            self.write(offset, bytes(length), read_below)
+            self._write(offset, bytes(length), read_below)
             return
         if offset < first:
-            self.write(offset, bytes(first - offset), read_below)
+            self._write(offset, bytes(first - offset), read_below)
         pos = first
         while pos < last:
             n = min(last - pos, self.geo.l2_span - pos % self.geo.l2_span)
             self._zero_slice(pos, n)
             pos += n
         if last < end:
-            self.write(last, bytes(end - last), read_below)
+            self._write(last, bytes(end - last), read_below)
 
     def _zero_slice(self, offset: int, length: int) -> None:
         cs = self.geo.cluster_size

@@ -26,22 +26,33 @@ from imgchain.formats.qcow2_tables import (
 
 from .blockfile import BlockFile
 from .metacache import MetadataCache
+from .qcow2_overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, MetadataMap
 
 REFTABLE_FIELDS_OFFSET = 48  # {refcount_table_offset u64, refcount_table_clusters u32}
 
 
-class RefcountManager:
-    """Refcount table, refcount blocks and the free-cluster allocator of one image."""
+def read_reftable(file: BlockFile, header: Qcow2Header) -> array:
+    """The refcount table of an open image, as on disk."""
+    return decode_u64_table(file.pread(header.refcount_table_offset,
+                                       header.refcount_table_clusters << header.cluster_bits))
 
-    def __init__(self, file: BlockFile, header: Qcow2Header, barrier: Callable[[], None]) -> None:
+
+class RefcountManager:
+    """Refcount table, refcount blocks and the free-cluster allocator of one image.
+
+    Every run the allocator hands out, and every refcount block and table it
+    places, is first checked against `meta` (qcow2_overlap): refcounts that
+    call a metadata cluster free raise MetadataOverlap instead."""
+
+    def __init__(self, file: BlockFile, header: Qcow2Header, barrier: Callable[[], None],
+                 reftable: array, meta: MetadataMap) -> None:
         self.file = file
         self.header = header
         self.geo = Geometry(header.cluster_bits, header.refcount_order)
         self.barrier = barrier
-        cs = self.geo.cluster_size
-        raw = file.pread(header.refcount_table_offset, header.refcount_table_clusters * cs)
+        self.meta = meta
         # Invariant: reftable mirrors the on-disk table entry for entry.
-        self.reftable: array = decode_u64_table(raw)
+        self.reftable = reftable
         self.blocks: MetadataCache[array | list[int]] = MetadataCache(64)
         # Invariant: no cluster below free_hint has refcount 0.
         self.free_hint = 0
@@ -117,6 +128,8 @@ class RefcountManager:
         if first <= cluster < first + rbe:
             block[cluster - first] = 1
         offset = cluster * self.geo.cluster_size
+        self.meta.check_free(offset, self.geo.cluster_size)
+        self.meta.add(offset, self.geo.cluster_size, REFCOUNT_BLOCK)
         self.file.pwrite(offset, encode_refcount16(block))
         self.barrier()
         self.blocks.put(offset, block)
@@ -157,8 +170,9 @@ class RefcountManager:
         limit = min(start + max(count, self.batch),
                     (self.geo.reftable_index(start + count - 1) + 1) * self.geo.refblock_entries)
         end = start + count
-        while end < limit and self._is_free(end):
+        while end < limit and self._is_free(end) and end not in self.meta.owner:
             end += 1
+        self.meta.check_free(start << self.geo.cluster_bits, (end - start) << self.geo.cluster_bits)
         # No barrier here: nothing on disk points at these clusters before the
         # next write-back, and that starts with a barrier (qcow2_pending).
         self.set_range(start, end - start, 1)
@@ -230,6 +244,7 @@ class RefcountManager:
             if nblocks * rbe >= nblocks + table_clusters:
                 break
             nblocks += 1
+        self.meta.check_free(meta * cs, (nblocks + table_clusters) * cs)
         new_table = array("Q", self.reftable)
         new_table.extend([0] * (table_clusters * (cs // 8) - old_entries))
         for j in range(nblocks):
@@ -239,11 +254,13 @@ class RefcountManager:
                 if lo <= c < lo + rbe:
                     block[c - lo] = 1
             offset = (meta + j) * cs
+            self.meta.add(offset, cs, REFCOUNT_BLOCK)
             self.file.pwrite(offset, encode_refcount16(block))
             self.blocks.put(offset, block)
             new_table[old_entries + j] = offset
         self.barrier()
         table_offset = (meta + nblocks) * cs
+        self.meta.add(table_offset, table_clusters * cs, REFCOUNT_TABLE)
         self.file.pwrite(table_offset, encode_u64_table(new_table))
         self.barrier()
         fields = encode_u64(table_offset) + table_clusters.to_bytes(4, "big")
@@ -253,4 +270,5 @@ class RefcountManager:
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters
         self.reftable = new_table
+        self.meta.remove(old_offset, old_clusters * cs)
         self.free(old_offset, old_clusters)
