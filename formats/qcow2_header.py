@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from construct import Const, Int8ub, Int32ub, Int64ub, PaddedString, Struct
+from construct import Adapter, Bytes, Const, Int8ub, Int32ub, Int64ub, Struct
 
 from .errors import CorruptImage, NotQcow2, ReadOnlyImage, UnsupportedFeature
 
@@ -75,7 +75,18 @@ HeaderV3 = Struct(
 assert HeaderV3.sizeof() == HEADER_V3_SIZE
 
 ExtensionHead = Struct("magic" / Int32ub, "length" / Int32ub)
-FeatureEntry = Struct("type" / Int8ub, "bit" / Int8ub, "name" / PaddedString(46, "ascii"))
+class _FeatureName(Adapter):
+    """A NUL-padded name; bytes that are not ASCII read as U+FFFD (a hostile
+    image must not make the header unreadable), names built are ASCII."""
+
+    def _decode(self, obj: bytes, context: object, path: str) -> str:
+        return obj.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    def _encode(self, obj: str, context: object, path: str) -> bytes:
+        return obj.encode("ascii").ljust(46, b"\0")
+
+
+FeatureEntry = Struct("type" / Int8ub, "bit" / Int8ub, "name" / _FeatureName(Bytes(46)))
 BitmapsExtension = Struct(
     "nb_bitmaps" / Int32ub,
     "reserved" / Int32ub,
