@@ -89,3 +89,6 @@ def print_json(doc: Any) -> None:
 
 output_option = click.option("--output", type=click.Choice(["human", "json"]), default="human",
                              show_default=True, help="Output format.")
+trust_backing_option = click.option(
+    "--trust-backing", is_flag=True,
+    help="As root, open backing files of another user's image even where that user could not read them.")

@@ -11,7 +11,8 @@ from imgchain import create as create_mod
 from imgchain import rebase as rebase_mod
 from imgchain.errors import USER_ERRORS
 
-from .common import SIZE, error_text, fail, main, output_option, parse_size, print_json, user_errors
+from .common import (SIZE, error_text, fail, main, output_option, parse_size, print_json, trust_backing_option,
+                     user_errors)
 
 CREATE_OPTIONS = ("cluster_size", "backing_file", "backing_fmt")
 
@@ -85,14 +86,15 @@ def info(output: str, backing_chain: bool, force_share: bool, file: str) -> None
 @click.option("-r", "repair", type=click.Choice(["leaks", "all"]),
               help="Repair leaked clusters, or everything that can be repaired.")
 @click.option("-U", "--force-share", is_flag=True, help="Open even if another process uses the image.")
+@trust_backing_option
 @click.argument("file")
 @user_errors()
-def check(output: str, repair: str | None, force_share: bool, file: str) -> None:
+def check(output: str, repair: str | None, force_share: bool, trust_backing: bool, file: str) -> None:
     """Check an image's metadata (qemu-img check).
 
     Exit 0 clean, 1 check not completed, 2 corruptions, 3 leaked clusters only."""
     from imgchain.check import check_image
-    result = check_image(file, repair=repair, force_share=force_share)
+    result = check_image(file, repair=repair, force_share=force_share, trust_backing=trust_backing)
     for line in result.messages:
         click.echo(line, err=True)
     if output == "json" and not result.aborted:
@@ -105,12 +107,13 @@ def check(output: str, repair: str | None, force_share: bool, file: str) -> None
 @main.command(name="map")
 @output_option
 @click.option("-U", "--force-share", is_flag=True, help="Open even if another process uses the image.")
+@trust_backing_option
 @click.argument("file")
 @user_errors()
-def map_(output: str, force_share: bool, file: str) -> None:
+def map_(output: str, force_share: bool, trust_backing: bool, file: str) -> None:
     """Show where each range of the chain's content comes from (qemu-img map)."""
     from imgchain.map import MapError, human_map, map_chain
-    entries = map_chain(file, force_share=force_share)
+    entries = map_chain(file, force_share=force_share, trust_backing=trust_backing)
     if output == "json":
         print_json(entries)
         return
@@ -123,14 +126,15 @@ def map_(output: str, force_share: bool, file: str) -> None:
 
 @main.command()
 @click.option("-s", "strict", is_flag=True, help="Strict: sizes and allocation must match too.")
+@trust_backing_option
 @click.argument("image1")
 @click.argument("image2")
-def compare(strict: bool, image1: str, image2: str) -> None:
+def compare(strict: bool, trust_backing: bool, image1: str, image2: str) -> None:
     """Compare two chains' guest-visible content.
 
     Exit 0 identical, 1 different, 2 error."""
     try:
-        result = compare_mod.compare_images(image1, image2, strict)
+        result = compare_mod.compare_images(image1, image2, strict, trust_backing)
     except USER_ERRORS as exc:
         fail(error_text(exc), 2)
     click.echo(result.message)
@@ -141,10 +145,11 @@ def compare(strict: bool, image1: str, image2: str) -> None:
 @click.option("-u", "unsafe", is_flag=True, help="Unsafe: rewrite the header only, copy nothing.")
 @click.option("-b", "backing", help='New backing file ("" removes it).')
 @click.option("-F", "backing_fmt", type=click.Choice(["qcow2", "raw"]), help="New backing format.")
+@trust_backing_option
 @click.argument("file")
 @user_errors()
-def rebase(unsafe: bool, backing: str | None, backing_fmt: str | None, file: str) -> None:
+def rebase(unsafe: bool, backing: str | None, backing_fmt: str | None, trust_backing: bool, file: str) -> None:
     """Change FILE's backing file; safe mode keeps the content identical."""
     if backing is None:
         raise click.UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
-    rebase_mod.rebase(file, backing, backing_fmt, unsafe)
+    rebase_mod.rebase(file, backing, backing_fmt, unsafe, trust_backing)

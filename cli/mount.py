@@ -21,13 +21,15 @@ import time
 
 import click
 
+
 from imgchain.errors import ImgchainError
+from imgchain.fuse.options import MountOptions
 from imgchain.fuse.recovery import connection_dead, is_dead_mount, is_imgchain_mount, recover
 from imgchain.qmp_client import QmpClient, QmpClientError
 from imgchain.runtime import (MountRecord, create_log, current_records, find_by_mountpoint,
                               open_private, runtime_dir, signal_daemon)
 
-from .common import main, notice, output_option, user_errors
+from .common import main, notice, output_option, trust_backing_option, user_errors
 
 START_TIMEOUT = 120
 STOP_TIMEOUT = 300
@@ -38,18 +40,18 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(
 
 # -- start --------------------------------------------------------------------
 
-def _daemon_argv(image: str, mountpoint: str, read_only: bool, allow_other: bool,
-                 qmp: str | None, device: str) -> list[str]:
+def _daemon_argv(opts: MountOptions) -> list[str]:
     # -P: the current directory does not go first on the daemon's sys.path, so a
     # clone's imgchain/ folder (which holds neither formats/ nor fuse/) cannot
     # shadow the installed package.
-    argv = [sys.executable, "-P", "-m", "imgchain.fuse.daemon", image, mountpoint, "--device-name", device]
-    if read_only:
-        argv.append("--read-only")
-    if allow_other:
-        argv.append("--allow-other")
-    if qmp:
-        argv += ["--qmp", qmp]
+    argv = [sys.executable, "-P", "-m", "imgchain.fuse.daemon", opts.image, opts.mountpoint,
+            "--device-name", opts.device]
+    for flag, on in (("--read-only", opts.read_only), ("--allow-other", opts.allow_other),
+                     ("--trust-backing", opts.trust_backing)):
+        if on:
+            argv.append(flag)
+    if opts.qmp:
+        argv += ["--qmp", opts.qmp]
     return argv
 
 
@@ -188,20 +190,21 @@ def _stop(record: MountRecord, mountpoint: str) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users access the file.")
 @click.option("--qmp", "qmp", metavar="SOCKET", help="Control socket path (default: in the runtime directory).")
 @click.option("--device-name", default="drive0", show_default=True, help="The export's device name.")
+@trust_backing_option
 @click.argument("image")
 @click.argument("mountpoint")
 @user_errors()
 def mount(read_only: bool, foreground: bool, allow_other: bool, qmp: str | None,
-          device_name: str, image: str, mountpoint: str) -> None:
+          device_name: str, trust_backing: bool, image: str, mountpoint: str) -> None:
     """Expose IMAGE's chain as the regular file MOUNTPOINT (created if absent)."""
     _clear_dead_mount(mountpoint)
+    opts = MountOptions(image, mountpoint, read_only, allow_other, qmp, device_name, trust_backing)
     if foreground:
-        from imgchain.fuse.daemon import MountOptions, run_mount
-        opts = MountOptions(image, mountpoint, read_only, allow_other, qmp, device_name)
+        from imgchain.fuse.daemon import run_mount  # loads pyfuse3
         run_mount(opts, lambda socket: click.echo(f"{mountpoint}: mounted {image} (pid {os.getpid()}, "
                                                   f"QMP socket {socket})"))
         return
-    pid, socket = _start_daemon(_daemon_argv(image, mountpoint, read_only, allow_other, qmp, device_name))
+    pid, socket = _start_daemon(_daemon_argv(opts))
     click.echo(f"{mountpoint}: mounted {image} (pid {pid}, QMP socket {socket})")
 
 

@@ -26,7 +26,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from typing import Callable
 
 import pyfuse3
@@ -37,20 +36,11 @@ from imgchain.errors import USER_ERRORS, ImgchainError
 from imgchain.runtime import MountRecord, mounted_fstype, remove_record, runtime_dir, write_record
 
 from .export import BlockExport
+from .options import MountOptions
 
 log = logging.getLogger("imgchain.fuse")
 MAX_BACKGROUND = 64
 FUSECTL = "/sys/fs/fuse/connections"
-
-
-@dataclass
-class MountOptions:
-    image: str
-    mountpoint: str
-    read_only: bool = False
-    allow_other: bool = False
-    qmp: str | None = None
-    device: str = "drive0"
 
 
 def _is_mounted(path: str) -> bool:
@@ -153,7 +143,7 @@ def run_mount(opts: MountOptions, ready: Callable[[str], None]) -> None:
     created = prepare_mountpoint(opts.mountpoint)
     socket = opts.qmp or os.path.join(runtime_dir(), f"mount-{os.getpid()}.qmp")
     try:
-        daemon = Daemon(opts.image, opts.read_only, opts.device)
+        daemon = Daemon(opts.image, opts.read_only, opts.device, opts.trust_backing)
     except BaseException:
         if created:
             os.unlink(opts.mountpoint)
@@ -220,9 +210,11 @@ def _parse(argv: list[str]) -> tuple[MountOptions, int | None]:
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--qmp")
     p.add_argument("--device-name", default="drive0")
+    p.add_argument("--trust-backing", action="store_true")
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
-    return MountOptions(a.image, a.mountpoint, a.read_only, a.allow_other, a.qmp, a.device_name), a.ready_fd
+    opts = MountOptions(a.image, a.mountpoint, a.read_only, a.allow_other, a.qmp, a.device_name, a.trust_backing)
+    return opts, a.ready_fd
 
 
 def main(argv: list[str] | None = None) -> int:

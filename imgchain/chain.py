@@ -23,6 +23,7 @@ from .locks import ACTIVE_WRITER, BACKING_READER, READER, Perms
 from .node import Child, Node
 from .qcow2 import Qcow2Driver
 from .raw import RawDriver
+from .trust import check_backing_trust, untrusted_owner
 
 DRIVERS = {"qcow2": Qcow2Driver, "raw": RawDriver}
 _PROTOCOL = re.compile(r"^([^:/\\]+):")
@@ -92,12 +93,14 @@ def _file_id(path: str) -> tuple[int, int]:
 
 
 def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None,
-                       force_share: bool = False) -> Node:
+                       force_share: bool = False, trust_backing: bool = False) -> Node:
     """Open `path` and every backing file below it; returns the active node.
 
     Only the active node is writable; backing nodes are read-only and locked
     as QEMU locks them (consistent read, write unshared). `force_share` takes
-    no locks at all (qemu-img -U)."""
+    no locks at all (qemu-img -U). Unless `trust_backing`, root opens no
+    backing file that the owner of `path` could not read (imgchain.trust)."""
+    owner = None if trust_backing else untrusted_owner(path)
     taken: set[str] = set()
     top = open_image(path, writable, fmt, _unique(node_name_for(path), taken),
                      None if force_share else "default")
@@ -105,7 +108,8 @@ def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None
     node = top
     try:
         while node.driver.backing_file:
-            below = _open_backing(node, seen, taken, None if force_share else BACKING_READER)
+            below = _open_backing(node, seen, taken, None if force_share else BACKING_READER,
+                                  (path, owner))
             node.backing = Child(parent=node, child=below)
             node = below
     except BaseException:
@@ -115,7 +119,9 @@ def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None
 
 
 def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str],
-                  lock: Perms | None) -> Node:
+                  lock: Perms | None, trust: tuple[str, int | None]) -> Node:
+    """The backing node of `overlay`; `trust` is (the chain's active image,
+    the owner whose rights the chain is held to, or None)."""
     name = overlay.driver.backing_file or ""
     proto = protocol_of(name)
     if proto and not os.path.isabs(name):
@@ -130,6 +136,9 @@ def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str],
     if ident in seen:
         raise BackingError(f"Backing file '{name}' creates an infinite loop")
     seen.add(ident)
+    image, owner = trust
+    if owner is not None:
+        check_backing_trust(image, overlay.filename, path, owner)
     fmt = overlay.driver.backing_format
     return open_image(path, False, fmt, _unique(node_name_for(path), taken), lock)
 
@@ -143,8 +152,10 @@ def close_chain(top: Node) -> None:
 class Chain:
     """An opened backing chain, named by its active image (the Python API)."""
 
-    def __init__(self, path: str, writable: bool = False, force_share: bool = False) -> None:
-        self.active = open_backing_chain(path, writable, force_share=force_share)
+    def __init__(self, path: str, writable: bool = False, force_share: bool = False,
+                 trust_backing: bool = False) -> None:
+        self.active = open_backing_chain(path, writable, force_share=force_share,
+                                         trust_backing=trust_backing)
 
     @property
     def size(self) -> int:
@@ -187,8 +198,9 @@ class Chain:
 
 
 def open_chain(path: str | os.PathLike[str], writable: bool = False,
-               force_share: bool = False) -> Chain:
+               force_share: bool = False, trust_backing: bool = False) -> Chain:
     """Open the chain whose active image is `path`, taking QEMU's image locks
     (a writer that shares no write, or a consistent reader; none with
-    `force_share`)."""
-    return Chain(os.fspath(path), writable, force_share)
+    `force_share`). Run as root on another user's image, it refuses backing
+    files that user could not read unless `trust_backing` (imgchain.trust)."""
+    return Chain(os.fspath(path), writable, force_share, trust_backing)

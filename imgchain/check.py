@@ -570,7 +570,8 @@ def _check_qcow2(path: str, file: BlockFile, header: Qcow2Header, fix: int) -> C
     return again
 
 
-def check_image(path: str, repair: str | None = None, force_share: bool = False) -> CheckResult:
+def check_image(path: str, repair: str | None = None, force_share: bool = False,
+                trust_backing: bool = False) -> CheckResult:
     """`qemu-img check [-r leaks|all] path`: check (and repair) the top image of a chain.
 
     The whole backing chain is opened first, read-only, as qemu-img does; an image or
@@ -582,7 +583,8 @@ def check_image(path: str, repair: str | None = None, force_share: bool = False)
     if repair not in REPAIR_MODES:
         raise ValueError(f"Unknown option for -r: {repair!r} (expecting 'leaks' or 'all')")
     # Repair takes the writer's lock on its own descriptor, so the chain itself locks nothing.
-    top = open_backing_chain(path, writable=False, force_share=force_share or repair is not None)
+    top = open_backing_chain(path, writable=False, force_share=force_share or repair is not None,
+                             trust_backing=trust_backing)
     try:
         if top.format_name != "qcow2":
             return CheckResult(path, top.format_name, aborted=True,

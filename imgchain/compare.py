@@ -65,11 +65,12 @@ def compare_nodes(n1: Node, n2: Node, strict: bool = False) -> CompareResult:
     return result or CompareResult(True, "Images are identical.")
 
 
-def compare_images(path1: str, path2: str, strict: bool = False) -> CompareResult:
+def compare_images(path1: str, path2: str, strict: bool = False,
+                   trust_backing: bool = False) -> CompareResult:
     """Compare the chains of two images by content."""
-    n1 = open_backing_chain(path1)
+    n1 = open_backing_chain(path1, trust_backing=trust_backing)
     try:
-        n2 = open_backing_chain(path2)
+        n2 = open_backing_chain(path2, trust_backing=trust_backing)
         try:
             return compare_nodes(n1, n2, strict)
         finally:

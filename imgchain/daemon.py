@@ -26,11 +26,12 @@ VERSION = tuple(int(p) for p in __version__.split(".")[:3])
 class Daemon:
     """One mounted chain and the control protocol over it."""
 
-    def __init__(self, image: str, read_only: bool = False, device: str = "drive0") -> None:
+    def __init__(self, image: str, read_only: bool = False, device: str = "drive0",
+                 trust_backing: bool = False) -> None:
         self.image = image
         self.read_only = read_only
         debug = BlkDebug.from_environment()
-        self.top = open_backing_chain(image, writable=not read_only)
+        self.top = open_backing_chain(image, writable=not read_only, trust_backing=trust_backing)
         self.backend = BlockBackend(self.top, device, debug)
         self.quit_requested = trio.Event()
         self.commands = self._command_table()

@@ -255,14 +255,21 @@ def _human_one(info: Info) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def resolved_backing_path(full: str) -> str:
+    """Where a backing file really is: the absolute path with every symlink
+    followed (imgchain shows it so a user sees where an image points before
+    trusting it; qemu-img shows the lexical `full-backing-filename`)."""
+    return full if protocol_of(full) else os.path.realpath(full)
+
+
 def _human_backing(info: Info) -> list[str]:
     lines = []
     if "backing-filename" in info:
         name, full = info["backing-filename"], info.get("full-backing-filename")
         if full is None:
             lines.append(f"backing file: {name} (cannot determine actual path)")
-        elif full != name:
-            lines.append(f"backing file: {name} (actual path: {full})")
+        elif resolved_backing_path(full) != name:
+            lines.append(f"backing file: {name} (actual path: {resolved_backing_path(full)})")
         else:
             lines.append(f"backing file: {name}")
     if "backing-filename-format" in info:

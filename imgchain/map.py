@@ -69,12 +69,12 @@ class Run:
 # Public entry points
 
 
-def map_chain(path: str, force_share: bool = False) -> list[MapEntry]:
+def map_chain(path: str, force_share: bool = False, trust_backing: bool = False) -> list[MapEntry]:
     """`qemu-img map --output=json [-U] path`: the entries of the whole chain.
 
     The chain is opened with QEMU's read locks (`ImageLockedError` while
     another process writes it) unless `force_share`."""
-    top = open_backing_chain(path, force_share=force_share)
+    top = open_backing_chain(path, force_share=force_share, trust_backing=trust_backing)
     try:
         return map_node(top)
     finally:
@@ -95,8 +95,9 @@ def map_node(top: Node) -> list[MapEntry]:
 def chain_filenames(path: str) -> list[str]:
     """The file names qemu shows for each depth of the chain of `path`.
 
-    Only headers are read, so no locks are taken (the map itself took them)."""
-    top = open_backing_chain(path, force_share=True)
+    Only headers are read, so no locks are taken (the map itself took them)
+    and no backing file is refused (the map itself was allowed to read them)."""
+    top = open_backing_chain(path, force_share=True, trust_backing=True)
     try:
         names = [path]
         for node in top.chain()[:-1]:

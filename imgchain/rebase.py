@@ -33,7 +33,8 @@ def _new_backing_format(path: str, new: str, fmt: str | None) -> str | None:
         node.close()
 
 
-def rebase(path: str, new: str, fmt: str | None = None, unsafe: bool = False) -> None:
+def rebase(path: str, new: str, fmt: str | None = None, unsafe: bool = False,
+           trust_backing: bool = False) -> None:
     """Make `new` (stored as given; "" for none) the backing file of `path`."""
     if unsafe:
         node = open_image(path, writable=True)
@@ -42,7 +43,7 @@ def rebase(path: str, new: str, fmt: str | None = None, unsafe: bool = False) ->
         finally:
             node.close()
         return
-    top = open_backing_chain(path, writable=True)
+    top = open_backing_chain(path, writable=True, trust_backing=trust_backing)
     try:
         fmt = _new_backing_format(path, new, fmt)
         target = _open_new_backing(path, new, fmt)
