@@ -130,7 +130,7 @@ async def _terminate_when_asked(daemon: Daemon) -> None:
 async def _serve(opts: MountOptions, daemon: Daemon, socket: str, created: bool,
                  ready: Callable[[str], None]) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.serve_qmp(socket).serve)
+        await nursery.start(daemon.serve, socket)
         nursery.start_soon(_announce, opts, daemon, socket, created, ready)
         nursery.start_soon(_stop_on, daemon)
         nursery.start_soon(_terminate_when_asked, daemon)

@@ -24,6 +24,7 @@ from imgchain.formats import FormatError
 
 from .blkdebug import BlkDebug
 from .errors import ImageIOError
+from .graph import GraphLock
 from .node import Node
 
 
@@ -51,6 +52,8 @@ class BlockBackend:
         self.name = name
         self.root = root
         self.debug = debug or BlkDebug([])
+        # The graph lock this device's requests hold for reading (the graph's, once added).
+        self.graph_lock = GraphLock()
         self.dev_ops: BlockDevOps | None = None
         # Invariant: in_flight counts requests between their start and end.
         self.in_flight = 0
@@ -89,8 +92,10 @@ class BlockBackend:
 
     def _begin(self) -> None:
         self.in_flight += 1
+        self.graph_lock.rdlock()
 
     def _end(self) -> None:
+        self.graph_lock.rdunlock()
         self.in_flight -= 1
         if not self.in_flight and self._idle_waiter is not None:
             self._idle_waiter.set()
@@ -251,10 +256,29 @@ class BlockBackend:
 
     def invalidate_map(self) -> None:
         """Forget every resolved cluster (call before the chain's layout
-        changes; the end of every drain does it too)."""
+        changes, and after a job writes into a node the maps resolve
+        through; the end of every drain does it too)."""
         self._map.clear()
         self._unmappable.clear()
         self._in_place.clear()
+
+    def replace_root(self, node: Node) -> None:
+        """Attach the device to another node (the pivot of an active commit,
+        a live snapshot): the one place the root changes. Only inside a drain
+        and a graph change; every map of the old root is forgotten and the
+        maps are rebuilt for the new root's cluster size."""
+        assert self.quiesce_counter and not self.in_flight, "replace_root outside a drain"
+        self.invalidate_map()
+        self.root = node
+        self._map_bits = (node.driver.cluster_size or 65536).bit_length() - 1
+        self._map_mask = (1 << self._map_bits) - 1
+        self._root_fd = node.driver.file.fd  # type: ignore[attr-defined]
+
+    def reopened(self) -> None:
+        """A node of the chain was reopened (new file descriptor): forget
+        the maps and take the root's descriptor again."""
+        self.invalidate_map()
+        self._root_fd = self.root.driver.file.fd  # type: ignore[attr-defined]
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """Guest write into the root node (copy-on-write from below)."""
@@ -322,6 +346,10 @@ class BlockBackend:
             if self.dev_ops is not None:
                 self.dev_ops.drained_end()
             self._resumed.set()
+
+    async def wait_quiescent(self) -> None:
+        """The drain's wait (BlockGraph.drained): nothing in flight."""
+        await self.wait_idle()
 
     async def wait_idle(self) -> None:
         """Wait until nothing is in flight (event-driven)."""

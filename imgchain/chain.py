@@ -19,8 +19,8 @@ from imgchain.formats.probe import QCOW2_PROBE_SIZE
 
 from .blockfile import BlockFile
 from .errors import BackingError, ImgchainError
-from .locks import ACTIVE_WRITER, BACKING_READER, READER, Perms
-from .node import Child, Node
+from .locks import ACTIVE_WRITER, BACKING_READER, READER, Perms, apply_locks
+from .node import Node, attach_backing
 from .qcow2 import Qcow2Driver
 from .raw import RawDriver
 from .trust import check_backing_trust, untrusted_owner
@@ -71,6 +71,38 @@ def open_image(path: str, writable: bool = False, fmt: str | None = None,
     return Node(node_name or node_name_for(path), path, driver)
 
 
+def backing_name_for(overlay: Node, backing: Node) -> str:
+    """The name a job writes into `overlay`'s header for `backing`: absolute
+    when the backing was opened by an absolute path (as QEMU writes its
+    filename), else relative to the overlay's directory, so the header
+    resolves to the same file whatever directory the daemon runs in."""
+    if os.path.isabs(backing.filename):
+        return backing.filename
+    return os.path.relpath(os.path.abspath(backing.filename), os.path.dirname(os.path.abspath(overlay.filename)))
+
+
+def reopen_node(node: Node, writable: bool) -> None:
+    """Reopen a node's image read-write (a job's target) or read-only again
+    (a backing), in place: QEMU's bdrv_reopen. Metadata is written back and
+    the old descriptor closed before the new driver reads the tables; the
+    locks become those of a writer or of a backing. Call it drained: devices
+    must forget the old descriptor (BlockBackend.reopened)."""
+    if node.writable == writable:
+        return
+    path, fmt = node.filename, node.format_name
+    file = _open_file(path, writable, None)
+    node.driver.close()  # writes back and frees reserved clusters; its locks go with its fd
+    try:
+        apply_locks(file.fd, path, ACTIVE_WRITER if writable else BACKING_READER)
+        node.driver = DRIVERS[fmt](file, path)
+    except BaseException:
+        file.close()
+        # as it was: a refused reopen changes nothing
+        node.driver = DRIVERS[fmt](_open_file(path, not writable, BACKING_READER if writable
+                                              else ACTIVE_WRITER), path)
+        raise
+
+
 def node_name_for(path: str) -> str:
     """The node name of an image: its file name without the last extension."""
     base = os.path.basename(path)
@@ -110,7 +142,7 @@ def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None
         while node.driver.backing_file:
             below = _open_backing(node, seen, taken, None if force_share else BACKING_READER,
                                   (path, owner))
-            node.backing = Child(parent=node, child=below)
+            attach_backing(node, below)
             node = below
     except BaseException:
         close_chain(top)

@@ -1,14 +1,16 @@
-"""The daemon's state: the graph of one mounted chain, its block backend and its QMP commands.
+"""The daemon's state: the graph of one mounted chain, its block backend, its jobs and its QMP commands.
 
-`Daemon` owns everything a mount's daemon changes: the chain's nodes (opened
-with QEMU's locks), the `BlockBackend` the export uses, and the QMP command
-table with QEMU's names and reply shapes. It knows nothing of FUSE; the
-process that mounts the export (imgchain.fuse.daemon) creates it, serves
-`qmp` and waits for `quit_requested`.
+`Daemon` owns everything a mount's daemon changes: the block graph (the
+chain's nodes, opened with QEMU's locks), the `BlockBackend` the export uses,
+the job manager, and the QMP command table with QEMU's names and reply
+shapes. It knows nothing of FUSE; the process that mounts the export
+(imgchain.fuse.daemon) creates it, runs `serve` (QMP, jobs, events) and waits
+for `quit_requested`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import trio
@@ -16,7 +18,10 @@ import trio
 from . import __version__
 from .backend import BlockBackend
 from .blkdebug import BlkDebug
-from .chain import close_chain, open_backing_chain
+from .chain import open_backing_chain
+from .graph import BlockGraph
+from .jobs.commands import job_commands
+from .jobs.manager import JobManager
 from .node import Node
 from .qmp import Command, QmpServer, greeting
 
@@ -31,11 +36,17 @@ class Daemon:
         self.image = image
         self.read_only = read_only
         debug = BlkDebug.from_environment()
-        self.top = open_backing_chain(image, writable=not read_only, trust_backing=trust_backing)
-        self.backend = BlockBackend(self.top, device, debug)
+        self.graph = BlockGraph()
+        top = open_backing_chain(image, writable=not read_only, trust_backing=trust_backing)
+        self.graph.add_chain(top)
+        self.backend = BlockBackend(top, device, debug)
+        self.graph.add_backend(self.backend)
+        self.jobs = JobManager(self.graph, debug)
         self.quit_requested = trio.Event()
         self.commands = self._command_table()
         self.qmp: QmpServer | None = None
+        self._events_in, self._events_out = trio.open_memory_channel[tuple[str, dict[str, Any]]](math.inf)
+        self.jobs.listeners.append(lambda name, data: self._events_in.send_nowait((name, data)))
 
     @property
     def nodes(self) -> list[Node]:
@@ -44,6 +55,19 @@ class Daemon:
     def serve_qmp(self, path: str) -> QmpServer:
         self.qmp = QmpServer(path, self.commands, greeting(VERSION, f"imgchain {__version__}"))  # type: ignore[arg-type]
         return self.qmp
+
+    async def serve(self, socket: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """QMP on `socket`, the jobs, and their events to QMP clients, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.serve_qmp(socket).serve)
+            await nursery.start(self.jobs.serve)
+            nursery.start_soon(self._forward_events)
+            task_status.started()
+
+    async def _forward_events(self) -> None:
+        async for name, data in self._events_out:
+            if self.qmp is not None:
+                await self.qmp.emit(name, data)
 
     # -- commands ---------------------------------------------------------
 
@@ -56,6 +80,7 @@ class Daemon:
             Command("query-named-block-nodes", self.query_named_block_nodes, {"flat": ("bool", False)}),
             Command("quit", self.quit),
         ]
+        table += job_commands(self.jobs)
         return {c.name: c for c in table}
 
     async def qmp_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -86,12 +111,15 @@ class Daemon:
     # -- teardown ---------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the active image and close every node (releasing the locks)."""
+        """Flush the active image and close every node (releasing the locks).
+        Jobs stopped at an await leave their chains as they were: they change
+        the graph only in prepare, which never awaits between its steps."""
         try:
             if not self.read_only:
                 self.backend.root.flush()
         finally:
-            close_chain(self.backend.root)
+            for node in list(self.graph.nodes.values()):
+                node.close()
 
 
 def image_summary(node: Node) -> dict[str, Any]:

@@ -11,7 +11,7 @@ links itself; graph changes live elsewhere and are all-or-nothing.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from .blockfile import zero_fill
@@ -41,13 +41,32 @@ class Driver(Protocol):
 
 @dataclass(eq=False)
 class Child:
-    """The backing link parent -> child (QEMU's BdrvChild with the COW role)."""
+    """The backing link parent -> child (QEMU's BdrvChild with the COW role).
+
+    Invariant: a Child is in `child.parents` exactly while it is `parent.backing`
+    (`attach_backing` and `detach_backing` keep both sides)."""
 
     parent: "Node"
     child: "Node"
     name: str = "backing"
     frozen: bool = False
-    blockers: list[str] = field(default_factory=list)
+
+
+def attach_backing(parent: "Node", child: "Node") -> Child:
+    """Make `child` the backing of `parent` (which has none)."""
+    assert parent.backing is None
+    link = Child(parent=parent, child=child)
+    parent.backing = link
+    child.parents.append(link)
+    return link
+
+
+def detach_backing(parent: "Node") -> None:
+    """Remove `parent`'s backing link (if any)."""
+    link = parent.backing
+    if link is not None:
+        link.child.parents.remove(link)
+        parent.backing = None
 
 
 class Node:
@@ -58,6 +77,10 @@ class Node:
         self.filename = filename
         self.driver = driver
         self.backing: Child | None = None
+        # Invariant: the backing links that point at this node (its overlays).
+        self.parents: list[Child] = []
+        # Job blockers (QEMU's op blockers): (owner, reason) while a job uses the node.
+        self.blockers: list[tuple[object, str]] = []
 
     def __repr__(self) -> str:
         return f"<Node {self.node_name} {self.driver.format_name} {self.filename!r}>"

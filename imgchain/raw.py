@@ -79,6 +79,13 @@ class RawDriver:
         for pos in range(offset, offset + length, step):
             self.file.pwrite(pos, bytes(min(step, offset + length - pos)))
 
+    def grow(self, size: int) -> None:
+        """Make the image `size` bytes long (a commit base smaller than its top); never shrinks."""
+        self._require_writable()
+        if size > self.size:
+            os.ftruncate(self.file.fd, size)
+            self.size = size
+
     def _require_writable(self) -> None:
         if not self.file.writable:
             raise ImageIOError(f"{self.filename}: image is opened read-only", errno.EROFS)

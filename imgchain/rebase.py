@@ -46,7 +46,7 @@ def rebase(path: str, new: str, fmt: str | None = None, unsafe: bool = False,
     top = open_backing_chain(path, writable=True, trust_backing=trust_backing)
     try:
         fmt = _new_backing_format(path, new, fmt)
-        target = _open_new_backing(path, new, fmt)
+        target = _open_new_backing(path, new, fmt, trust_backing)
         try:
             copy_differences(top, target)
         finally:
@@ -58,12 +58,12 @@ def rebase(path: str, new: str, fmt: str | None = None, unsafe: bool = False,
         close_chain(top)
 
 
-def _open_new_backing(path: str, new: str, fmt: str | None) -> Node | None:
+def _open_new_backing(path: str, new: str, fmt: str | None, trust_backing: bool) -> Node | None:
     if not new:
         return None
     resolved = resolve_backing_name(path, new)
     try:
-        return open_backing_chain(resolved, False, fmt)
+        return open_backing_chain(resolved, False, fmt, trust_backing=trust_backing)
     except (ImgchainError, OSError) as exc:
         raise ImgchainError(f"Could not open new backing file '{resolved}': {exc}") from None
 

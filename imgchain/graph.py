@@ -1,0 +1,266 @@
+"""The block graph of a daemon: nodes, backing links, frozen links, job blockers, drain.
+
+`BlockGraph` owns every node a daemon has open and the devices (`BlockBackend`)
+attached to them. Its graph changes are plain synchronous functions that
+check everything first and change nothing on failure (QEMU's freeze, replace
+and set-backing, with QEMU's messages), so nothing can run between looking a
+node up and changing the links. Around every graph change a job runs the same
+order (BLOCK-JOBS.md rule R3; the QEMU thread in `seed/` is why):
+
+    async with graph.drained():          # no guest request or job chunk in flight
+        node = <look the nodes up now>  # never before the drain
+        with graph.lock.write():         # links change, no await inside
+            ...
+        <rewrite headers>                # synchronous I/O
+    # the drain ends: devices drop their cluster maps and go on
+
+`drained()` quiesces the parents of a node (all of the graph by default):
+devices hold new requests, jobs pause at their next pause point, and it waits
+on events, never a sleep loop, until nothing is in flight. The graph lock is
+a reader/writer lock: guest requests and job chunks hold it for reading, a
+graph change for writing; nothing awaits (so nothing drains) while it is held
+for writing, which is why a writer finding readers is a bug, not a wait.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Protocol
+
+from .errors import ImgchainError
+from .node import Child, Node, attach_backing, detach_backing
+
+if TYPE_CHECKING:
+    from .backend import BlockBackend
+
+
+class GraphError(ImgchainError):
+    """A graph change was refused (frozen link, busy node); nothing changed."""
+
+
+class Quiescable(Protocol):
+    """A parent that a drain quiesces (a device, a job): QEMU's drained_* hooks."""
+
+    def drained_begin(self) -> None: ...
+    def drained_end(self) -> None: ...
+    async def wait_quiescent(self) -> None: ...
+
+
+class GraphLock:
+    """Reader/writer lock over the graph's structure (QEMU's graph lock)."""
+
+    def __init__(self) -> None:
+        # Invariant: readers counts I/O between its rdlock and rdunlock.
+        self.readers = 0
+        self.writing = False
+
+    def rdlock(self) -> None:
+        assert not self.writing, "a reader ran inside a graph change"
+        self.readers += 1
+
+    def rdunlock(self) -> None:
+        self.readers -= 1
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """Held across a synchronous graph change; the caller drained first."""
+        if self.readers:
+            raise AssertionError(f"graph change with {self.readers} reader(s) in flight: drain first")
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+
+
+class BlockGraph:
+    """Every node of a daemon, its devices and its jobs' claims on them."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.backends: list["BlockBackend"] = []
+        self.jobs: list[Quiescable] = []  # jobs that are still attached to nodes
+        self.lock = GraphLock()
+        self.quiesce_counter = 0
+
+    # -- membership -------------------------------------------------------
+
+    def add_chain(self, top: Node) -> None:
+        for node in top.chain():
+            self.nodes[node.node_name] = node
+
+    def add_backend(self, backend: "BlockBackend") -> None:
+        self.backends.append(backend)
+        backend.graph_lock = self.lock
+
+    def backend_of(self, node: Node) -> "BlockBackend | None":
+        return next((b for b in self.backends if b.root is node), None)
+
+    def display_name(self, node: Node) -> str:
+        """QEMU's bdrv_get_device_or_node_name: a root shows its device's name."""
+        backend = self.backend_of(node)
+        return backend.name if backend is not None else node.node_name
+
+    def find(self, name: str) -> Node | None:
+        """A node by device name or node name."""
+        for backend in self.backends:
+            if backend.name == name:
+                return backend.root
+        return self.nodes.get(name)
+
+    def lookup(self, device: str) -> Node:
+        """QEMU's bdrv_lookup_bs: a device or node name, else GraphError."""
+        node = self.find(device)
+        if node is None:
+            raise GraphError(f"Cannot find device='{device}' nor node-name='{device}'")
+        return node
+
+    def find_by_file(self, top: Node, filename: str) -> Node | None:
+        """The node of `top`'s chain (top excluded) that is the file `filename`."""
+        import os
+        for node in top.chain()[1:]:
+            try:
+                if filename == node.filename or os.path.samefile(filename, node.filename):
+                    return node
+            except OSError:
+                continue
+        return None
+
+    # -- blockers ---------------------------------------------------------
+
+    def check_not_busy(self, nodes: list[Node]) -> None:
+        """The first node in walk order that a job uses fails the request."""
+        for node in nodes:
+            if node.blockers:
+                raise GraphError(f"Node '{self.display_name(node)}' is busy: {node.blockers[0][1]}")
+
+    @staticmethod
+    def block(owner: object, nodes: list[Node], reason: str) -> None:
+        for node in nodes:
+            node.blockers.append((owner, reason))
+
+    @staticmethod
+    def unblock(owner: object, nodes: list[Node]) -> None:
+        for node in nodes:
+            node.blockers = [b for b in node.blockers if b[0] is not owner]
+
+    # -- frozen links -------------------------------------------------------
+
+    @staticmethod
+    def _links(top: Node, base: Node | None) -> list[Child]:
+        """The links from `top` down to the one that points at `base` (to the end if None)."""
+        links: list[Child] = []
+        node: Node | None = top
+        while node is not None and node is not base and node.backing is not None:
+            links.append(node.backing)
+            node = node.backing.child
+        return links
+
+    def freeze(self, top: Node, base: Node | None) -> list[Child]:
+        """QEMU's bdrv_freeze_backing_chain: all or nothing; returns the links."""
+        links = self._links(top, base)
+        for link in links:
+            if link.frozen:
+                raise GraphError(f"Cannot change '{link.name}' link from '{link.parent.node_name}' "
+                                 f"to '{link.child.node_name}'")
+        for link in links:
+            link.frozen = True
+        return links
+
+    @staticmethod
+    def unfreeze(links: list[Child]) -> None:
+        for link in links:
+            assert link.frozen, "unfreeze of a link that is not frozen"
+            link.frozen = False
+
+    # -- changes (synchronous, all or nothing) ------------------------------
+
+    def set_backing(self, parent: Node, child: Node | None) -> None:
+        """Point `parent`'s backing link at `child` (None: no backing)."""
+        link = parent.backing
+        if link is not None and link.frozen:
+            raise GraphError(f"Cannot change frozen '{link.name}' link from '{parent.node_name}' "
+                             f"to '{link.child.node_name}'")
+        with self.lock.write():
+            detach_backing(parent)
+            if child is not None:
+                attach_backing(parent, child)
+
+    def replace_node(self, old: Node, new: Node) -> list[Node]:
+        """QEMU's bdrv_replace_node: every parent of `old` (overlays and
+        devices) now points at `new`; returns the overlays re-pointed."""
+        for link in old.parents:
+            if link.frozen:
+                raise GraphError(f"Cannot change '{link.name}' link to '{new.node_name}'")
+            if link.parent is new or link.parent in new.chain():
+                raise GraphError(f"Should not change '{link.name}' link to '{new.node_name}'")
+        overlays = [link.parent for link in old.parents]
+        with self.lock.write():
+            for parent in overlays:
+                detach_backing(parent)
+                attach_backing(parent, new)
+            for backend in self.backends:
+                if backend.root is old:
+                    backend.replace_root(new)
+        return overlays
+
+    # -- drain ----------------------------------------------------------------
+
+    def _parents_of(self, node: Node | None) -> tuple[list["BlockBackend"], list[Quiescable]]:
+        """The devices and jobs above `node` (all of them for None)."""
+        if node is None:
+            return list(self.backends), list(self.jobs)
+        above: list[Node] = []
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if n not in above:
+                above.append(n)
+                todo += [link.parent for link in n.parents]
+        backends = [b for b in self.backends if b.root in above]
+        jobs = [j for j in self.jobs if any(n in above for n in getattr(j, "nodes", ()))]
+        return backends, jobs
+
+    @asynccontextmanager
+    async def drained(self, node: Node | None = None) -> AsyncIterator[None]:
+        """Quiesce the parents of `node` (everything for None): devices hold
+        new requests, jobs pause at their next pause point; returns once
+        nothing is in flight. Nestable; never entered while the lock is held
+        for writing."""
+        assert not self.lock.writing, "drain inside a graph change"
+        backends, jobs = self._parents_of(node)
+        parents: list[Quiescable] = [*backends, *jobs]
+        self.quiesce_counter += 1
+        for parent in parents:
+            parent.drained_begin()
+        try:
+            for parent in parents:
+                await parent.wait_quiescent()
+            yield
+        finally:
+            self.quiesce_counter -= 1
+            for parent in parents:
+                parent.drained_end()
+
+    # -- node lifetime ------------------------------------------------------
+
+    def referenced(self) -> set[Node]:
+        """Nodes a device or a job still uses, with their chains."""
+        keep: set[Node] = set()
+        for backend in self.backends:
+            keep.update(backend.root.chain())
+        for job in self.jobs:
+            for node in getattr(job, "nodes", ()):
+                keep.update(node.chain())
+        return keep
+
+    def collect(self) -> list[Node]:
+        """Close the nodes nothing uses any more (their files stay as they
+        are); returns them. Called after a job's graph change and clean."""
+        keep = self.referenced()
+        dropped = [n for n in self.nodes.values() if n not in keep]
+        for node in dropped:
+            del self.nodes[node.node_name]
+            detach_backing(node)
+            node.close()
+        return dropped

@@ -1,0 +1,1 @@
+"""Block jobs: the engine (job, manager), the copy loop, and the job types (stream, commit)."""

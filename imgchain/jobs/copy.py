@@ -1,0 +1,148 @@
+"""The copy loop shared by stream and commit: chunks, allocation above a base, progress.
+
+`CopyJob.run` walks the source in chunks; for each it asks the job type which
+ranges to copy (`ranges`), reads them (`read_range`) and writes them
+(`write_range`) under the job's error policy, then accounts progress (every
+processed byte) and the rate limit (copied bytes only) and reaches a pause
+point. Reads and writes are synchronous except for injected delays, so a
+chunk's own check-then-write never interleaves with a guest request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from imgchain.extent import Status
+
+from .job import Job, JobFailed, error_text
+
+if TYPE_CHECKING:
+    from imgchain.node import Node
+
+CHUNK = 1 << 20  # bytes per step: large enough to run at disk speed, small enough to pause promptly
+
+
+def allocated_above(top: "Node", base: "Node | None", offset: int, length: int) -> list[tuple[int, int]]:
+    """The ranges of [offset, offset+length) stored in some node from `top`
+    down to, not including, `base` (QEMU's bdrv_is_allocated_above: zero
+    clusters and raw files count as stored)."""
+    pending = [(offset, length)]
+    found: list[tuple[int, int]] = []
+    node: Node | None = top
+    while node is not None and node is not base and pending:
+        below: list[tuple[int, int]] = []
+        for off, n in pending:
+            inside = max(0, min(n, node.size - off))
+            for ext in node.driver.block_status(off, inside) if inside else ():
+                target = below if ext.status is Status.UNALLOCATED else found
+                target.append((ext.guest_offset, ext.length))
+            if inside < n:
+                below.append((off + inside, n - inside))
+        pending, node = below, node.backing_node
+    return merge_ranges(found)
+
+
+def unallocated_in(node: "Node", offset: int, length: int) -> list[tuple[int, int]]:
+    """The ranges of [offset, offset+length) that `node` itself does not store."""
+    inside = max(0, min(length, node.size - offset))
+    return merge_ranges([(e.guest_offset, e.length) for e in node.driver.block_status(offset, inside)
+                         if e.status is Status.UNALLOCATED] if inside else [])
+
+
+def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for off1, n1 in a:
+        for off2, n2 in b:
+            lo, hi = max(off1, off2), min(off1 + n1, off2 + n2)
+            if lo < hi:
+                out.append((lo, hi - lo))
+    return merge_ranges(out)
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] >= off:
+            last_off, last_n = out[-1]
+            out[-1] = (last_off, max(last_n, off + n - last_off))
+        elif n:
+            out.append((off, n))
+    return out
+
+
+def is_zero(data: bytes | bytearray) -> bool:
+    return data.count(0) == len(data)
+
+
+class CopyJob(Job):
+    """A job that copies ranges chunk by chunk (stream, intermediate commit)."""
+
+    retry_ignored = False  # commit: "ignore" means retry the chunk; stream: skip it, fail at the end
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ignored_error: str | None = None
+
+    async def run(self) -> None:
+        self.length = self.source_size()
+        await self.before_copy()
+        offset = copied = 0
+        while offset < self.length:
+            await self.throttle(copied)
+            if self.cancelled:
+                return
+            n = min(CHUNK, self.length - offset)
+            copied = await self._copy_chunk(offset, n)
+            offset += n
+            self.offset = offset
+        if self.ignored_error is not None:
+            raise JobFailed(self.ignored_error)
+
+    async def _copy_chunk(self, offset: int, n: int) -> int:
+        copied = 0
+        for off, length in self.ranges(offset, n):
+            while True:
+                ok, result = await self.retrying(lambda: self._copy(off, length))
+                if ok:
+                    copied += result
+                    break
+                if self.cancelled:
+                    return copied
+                if not self.retry_ignored:
+                    self.ignored_error = self.ignored_error or error_text(result)
+                    break
+        return copied
+
+    async def _copy(self, offset: int, length: int) -> int:
+        self.stage = "read"
+        source = self.read_node()
+        await self.manager.debug.delay(source, "read", offset, length)
+        data = source.read(offset, length)
+        self.stage = "write"
+        await self.manager.debug.delay(self.target_node(), "write", offset, length)
+        written = self.write_range(offset, data)
+        if written:
+            for backend in self.manager.graph.backends:
+                backend.invalidate_map()  # a node its maps resolve through has changed
+        return written
+
+    # -- what a copying job type provides ---------------------------------------
+
+    def source_size(self) -> int:
+        raise NotImplementedError
+
+    async def before_copy(self) -> None:
+        """Runs once before the first chunk (commit grows its base)."""
+
+    def ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def read_node(self) -> "Node":
+        raise NotImplementedError
+
+    def target_node(self) -> "Node":
+        raise NotImplementedError
+
+    def write_range(self, offset: int, data: bytes | bytearray) -> int:
+        """Write what was read; returns the bytes written."""
+        raise NotImplementedError
