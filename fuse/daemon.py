@@ -124,6 +124,8 @@ async def _stop_on(daemon: Daemon) -> None:
 
 async def _terminate_when_asked(daemon: Daemon) -> None:
     await daemon.quit_requested.wait()
+    daemon.stop_jobs()
+    await trio.sleep(0)  # cancelled jobs reach their pause points and abort
     pyfuse3.terminate()
 
 

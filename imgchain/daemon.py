@@ -108,6 +108,12 @@ class Daemon:
         self.quit_requested.set()
         return {}
 
+    def stop_jobs(self) -> None:
+        """Before the daemon exits: every live job is cancelled; one that is
+        interrupted later still leaves its chain consistent (a job changes
+        the graph only in prepare, with no await between its steps)."""
+        self.jobs.cancel_all()
+
     # -- teardown ---------------------------------------------------------
 
     def close(self) -> None:

@@ -241,6 +241,9 @@ class BlockGraph:
             self.quiesce_counter -= 1
             for parent in parents:
                 parent.drained_end()
+            for job in self.jobs:  # jobs that started during the drain wait for its end too
+                if job not in parents:
+                    getattr(job, "kick", lambda: None)()
 
     # -- node lifetime ------------------------------------------------------
 

@@ -116,6 +116,7 @@ class Job:
         self.user_paused = False
         self.paused = False  # stopped at a pause point right now
         self.cancelled = False  # a cancel was requested (always a force cancel for stream/commit)
+        self.finishing = False  # prepare has begun: the graph change is under way, a cancel is too late
         self.busy = False  # inside a chunk: a drain waits for the end of it
         self.io_status = "ok"
         self.offset = 0
@@ -168,7 +169,8 @@ class Job:
 
     async def pause_point(self) -> None:
         """QEMU's job_pause_point: stop here while paused (not when cancelled)."""
-        while self.pause_count > 0 and not self.cancelled:
+        graph = self.manager.graph
+        while (self.pause_count > 0 or graph.quiesce_counter > 0) and not self.cancelled:
             if not self.paused:
                 self.paused = True
                 self.transition("standby" if self.status == "ready" else "paused")
@@ -257,6 +259,8 @@ class Job:
 
     def cancel(self, force: bool = False) -> None:
         self.check_verb("cancel")
+        if self.finishing:
+            return  # as QEMU ignores a cancel once the job has left its run loop and completes
         if self.user_paused and not force and self.status in ("paused", "standby"):
             raise JobError(f"The block job for device '{self.id}' is currently paused")
         self.cancelled = True
@@ -308,11 +312,13 @@ class Job:
             await self._finalize.wait()
             if self.cancelled:
                 return None
+        self.finishing = True
         try:
             await self.prepare()
         except (JobFailed, *IO_ERRORS) as exc:
             return str(exc) if isinstance(exc, JobFailed) else error_text(exc)
         await self._clean()
+        self.cancelled = False
         self.manager.emit("BLOCK_JOB_COMPLETED", self._event_data())
         return None
 
