@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import trio
 
@@ -79,6 +79,9 @@ class BlockBackend:
         self._in_place: dict[int, int] = {}
         self._map_bits = (root.driver.cluster_size or 65536).bit_length() - 1
         self._map_mask = (1 << self._map_bits) - 1
+        # Called with (offset, length) after every guest write has landed
+        # (an active commit's dirty bitmap); empty almost always.
+        self.write_notifiers: list[Callable[[int, int], None]] = []
         # The device's size: fixed for its life, as a block device's is.
         self.size = root.size
         # The root's file descriptor, for write_now; changes with the root.
@@ -136,7 +139,13 @@ class BlockBackend:
         at = host + (offset & self._map_mask)
         if os.pwrite(self._root_fd, data, at) != len(data):  # short: write it all again
             self.root.driver.file.pwrite(at, data)
+        if self.write_notifiers:
+            self._notify_write(offset, len(data))
         return True
+
+    def _notify_write(self, offset: int, length: int) -> None:
+        for notify in self.write_notifiers:
+            notify(offset, length)
 
     def _check_offset(self, offset: int) -> None:
         if offset < 0:
@@ -293,6 +302,7 @@ class BlockBackend:
                 return
             self._unmap(offset, len(data))
             node.write(offset, data)
+            self._notify_write(offset, len(data))
             self._note_in_place(offset, len(data))
         finally:
             self._end()
@@ -312,6 +322,7 @@ class BlockBackend:
             await self.debug.delay(node, "write", offset, length)
             self._unmap(offset, length)
             node.write_zeroes(offset, length)
+            self._notify_write(offset, length)
 
     async def flush(self) -> None:
         """Make everything written so far durable. Metadata is written back on

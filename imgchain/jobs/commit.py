@@ -15,13 +15,13 @@ land in the active node above top), so the copy cannot race with them.
 now (each overlay of top, whoever put it there), and rewrites those
 overlays' headers to name base. On failure or cancel the chain is as it
 was; what was already copied into base stays (it is hidden under top).
-An active commit (top = the active node) needs a mirror and a pivot: it is
-refused here until that job exists.
+An active commit (top = the active node) is a mirror with a pivot:
+imgchain.jobs.mirror.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgchain.chain import backing_name_for, reopen_node
 from imgchain.errors import ImgchainError
@@ -31,6 +31,9 @@ from imgchain.node import Node
 from .copy import CopyJob, allocated_above, is_zero
 from .job import JobError
 from .manager import JobManager
+
+if TYPE_CHECKING:
+    from .mirror import ActiveCommitJob
 
 REASON = "block device is in use by block job: commit"
 
@@ -126,7 +129,9 @@ def _root_of(manager: JobManager, device: str) -> Node:
     node = graph.find(device)
     if node is None:
         raise JobError(f"Device '{device}' not found", "DeviceNotFound")
-    if graph.backend_of(node) is None:
+    if graph.backend_of(node) is None and (graph.backends or node.parents):
+        # A graph without devices (a chain the CLI opened, not mounted):
+        # a node that no overlay uses is a root.
         raise JobError("Need a root block node")
     return node
 
@@ -175,8 +180,9 @@ def _same_file(name: str, node: Node) -> bool:
         return False
 
 
-async def create_commit(manager: JobManager, args: dict[str, Any]) -> CommitJob:
-    """QMP block-commit (intermediate): check everything, then start the job."""
+async def create_commit(manager: JobManager, args: dict[str, Any]) -> "CommitJob | ActiveCommitJob":
+    """QMP block-commit: check everything, then start the job (an active
+    commit, imgchain.jobs.mirror, when top is the device's root)."""
     graph = manager.graph
     device = args["device"]
     root = _root_of(manager, device)
@@ -187,11 +193,9 @@ async def create_commit(manager: JobManager, args: dict[str, Any]) -> CommitJob:
         raise JobError("cannot commit an image into itself")
     chain = top.chain()
     graph.check_not_busy(chain[:chain.index(base) + 1])
-    if top is root:
-        if "backing-file" in args:
-            raise JobError("'backing-file' specified, but 'top' is the active layer")
-        raise JobError(f"Committing the active layer '{top.node_name}' (active commit) is not "
-                       f"supported yet: commit an image below it")
+    if top is root and graph.backend_of(root) is not None:
+        from .mirror import create_active_commit
+        return await create_active_commit(manager, root, base, args, chain[:chain.index(base) + 1])
     graph.check_not_busy([p.parent for p in top.parents])
     if base.size < top.size and not hasattr(base.driver, "grow"):
         raise JobError(f"{base.filename}: cannot grow a {base.format_name} base to the size of "

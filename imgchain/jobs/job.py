@@ -284,10 +284,13 @@ class Job:
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def lifecycle(self) -> None:
-        """The job's task: run, then finalize or abort, then conclude."""
+    def begin(self) -> None:
+        """QEMU's job_start: running as soon as the command that made it returns."""
         self.transition("running")
         self.pause_count -= 1
+
+    async def lifecycle(self) -> None:
+        """The job's task (after `begin`): run, then finalize or abort, then conclude."""
         failure: str | None = None
         try:
             await self.pause_point()

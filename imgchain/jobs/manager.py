@@ -49,6 +49,7 @@ class JobManager:
         """Register and start a job created by a job type's `create`."""
         self.jobs[job.id] = job
         self.graph.jobs.append(job)
+        job.begin()
         if self._nursery is None:
             self._pending.append(job)
         else:

@@ -1,0 +1,229 @@
+"""Active commit (QEMU's block-commit of the active layer, block/mirror.c): mirror into base, READY, pivot.
+
+The device keeps writing into its root (the top) while the job copies into
+base everything stored from the top down to above base. A dirty bitmap
+(`DirtyBitmap`, one bit per granule) starts as that allocation and is marked
+by every guest write after it lands (the device's write notifiers); the job
+clears a run of bits before it copies the run, so a write that comes while
+the copy awaits is copied again later. When nothing is dirty the job flushes
+base and becomes READY (BLOCK_JOB_READY); it then keeps base in sync.
+
+`block-job-complete` asks for the pivot: `prepare` drains the graph (no guest
+request in flight, none starts), copies what is still dirty, flushes base and
+replaces the top by base in every parent, the device included
+(`BlockBackend.replace_root`). No header is rewritten; the old top and the
+nodes between leave the graph and are closed (their locks released). A
+cancel before READY abandons the job; after READY a cancel without force
+ends COMPLETED with base in sync and no pivot; with force, CANCELLED.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgchain.backend import BlockBackend
+from imgchain.graph import GraphError
+from imgchain.node import Node
+
+from .copy import CHUNK, allocated_above, is_zero
+from .job import Job, JobError
+from .manager import JobManager
+
+GRANULE = 64 * 1024
+
+
+class DirtyBitmap:
+    """One bit (a byte here) per granule of the device; finds runs in C (bytes.find)."""
+
+    def __init__(self, size: int, granule: int) -> None:
+        self.granule = granule
+        self.bits = bytearray(-(-size // granule))
+        self.count = 0  # Invariant: the number of set bits
+        self.cursor = 0
+
+    def mark(self, offset: int, length: int) -> None:
+        first, last = offset // self.granule, (offset + max(length, 1) - 1) // self.granule
+        last = min(last, len(self.bits) - 1)
+        if last - first > 64:
+            self.bits[first:last + 1] = b"\x01" * (last + 1 - first)
+            self.count = self.bits.count(1)
+            return
+        for i in range(first, last + 1):
+            if not self.bits[i]:
+                self.bits[i] = 1
+                self.count += 1
+
+    def take_run(self, max_granules: int) -> tuple[int, int] | None:
+        """Clear and return (first granule, count) of the next dirty run."""
+        if not self.count:
+            return None
+        start = self.bits.find(1, self.cursor)
+        if start < 0:
+            start = self.bits.find(1)
+        end = self.bits.find(0, start, start + max_granules)
+        end = min(start + max_granules, len(self.bits)) if end < 0 else end
+        self.bits[start:end] = bytes(end - start)
+        self.count -= end - start
+        self.cursor = end
+        return start, end - start
+
+
+class ActiveCommitJob(Job):
+    job_type = "commit"
+
+    def __init__(self, manager: JobManager, backend: BlockBackend, top: Node, base: Node,
+                 **options: Any) -> None:
+        super().__init__(manager, **options)
+        self.backend = backend
+        self.top = top
+        self.base = base
+        self.dirty = DirtyBitmap(top.size, max(GRANULE, base.driver.cluster_size or 0))
+        self.should_complete = False
+        self.soft_cancelled = False
+        self.frozen: list = []
+        self.base_was_read_only = False
+
+    # -- verbs ----------------------------------------------------------------
+
+    def cancel(self, force: bool = False) -> None:
+        if self.status in ("ready", "standby") and not force and not self.finishing:
+            self.check_verb("cancel")
+            if self.user_paused and self.status == "standby":
+                raise JobError(f"The block job for device '{self.id}' is currently paused")
+            self.soft_cancelled = True
+            self.kick()
+            return
+        super().cancel(force)
+
+    def complete(self) -> None:
+        self.check_verb("complete")
+        if self.soft_cancelled or self.cancelled:
+            raise JobError(f"The active block job '{self.id}' cannot be completed")
+        self.should_complete = True
+        self.kick()
+
+    # -- run ------------------------------------------------------------------
+
+    def _on_guest_write(self, offset: int, length: int) -> None:
+        self.dirty.mark(offset, length)
+        self.kick()
+
+    async def run(self) -> None:
+        if self.base.size < self.top.size:
+            self.base.driver.grow(self.top.size)  # type: ignore[attr-defined]
+        self.backend.write_notifiers.append(self._on_guest_write)
+        for off, n in allocated_above(self.top, self.base, 0, self.top.size):
+            self.dirty.mark(off, n)
+        copied = 0
+        while True:
+            self.length = self.offset + self.dirty.count * self.dirty.granule
+            await self.throttle(copied)
+            if self.cancelled:
+                return
+            if not self.dirty.count:
+                if self.status == "running":
+                    self.base.flush()
+                    self.transition("ready")
+                    self.manager.emit("BLOCK_JOB_READY", self._event_data())
+                if self.should_complete or self.soft_cancelled:
+                    return
+                await self.sleep(0.1)  # READY and in sync: wait for guest writes (kicked)
+                copied = 0
+                continue
+            copied = await self._copy_dirty_run()
+
+    async def _copy_dirty_run(self) -> int:
+        run = self.dirty.take_run(CHUNK // self.dirty.granule)
+        if run is None:
+            return 0
+        first, count = run
+        offset = first * self.dirty.granule
+        length = min(count * self.dirty.granule, self.top.size - offset)
+        ok, _ = await self.retrying(lambda: self._copy(offset, length))
+        if not ok:
+            self.dirty.mark(offset, length)  # retried on the next pass ("ignore" means retry here)
+            return 0
+        self.offset += length
+        return length
+
+    async def _copy(self, offset: int, length: int) -> None:
+        self.stage = "read"
+        await self.manager.debug.delay(self.top, "read", offset, length)
+        data = self.top.read(offset, length)
+        self.stage = "write"
+        await self.manager.debug.delay(self.base, "write", offset, length)
+        if is_zero(data):
+            self.base.write_zeroes(offset, length)
+        else:
+            self.base.write(offset, data)
+
+    # -- completion -------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        graph = self.manager.graph
+        async with graph.drained():
+            while self.dirty.count:  # nothing new arrives while drained
+                first, count = self.dirty.take_run(CHUNK // self.dirty.granule)  # type: ignore[misc]
+                offset = first * self.dirty.granule
+                await self._copy(offset, min(count * self.dirty.granule, self.top.size - offset))
+            self.base.flush()
+            self._stop_tracking()
+            graph.unfreeze(self.frozen)
+            self.frozen = []
+            if self.should_complete and not self.soft_cancelled:
+                try:
+                    graph.replace_node(self.top, self.base)
+                except GraphError as exc:
+                    raise JobError(str(exc)) from None
+
+    def _stop_tracking(self) -> None:
+        if self._on_guest_write in self.backend.write_notifiers:
+            self.backend.write_notifiers.remove(self._on_guest_write)
+
+    async def abort(self) -> None:
+        self._stop_tracking()
+        self.manager.graph.unfreeze(self.frozen)
+        self.frozen = []
+        self.base.flush()
+
+    async def clean(self) -> None:
+        from imgchain.chain import reopen_node
+        graph = self.manager.graph
+        is_root = any(b.root is self.base for b in graph.backends)
+        if self.base_was_read_only and not is_root and graph.nodes.get(self.base.node_name) is self.base:
+            async with graph.drained():
+                reopen_node(self.base, False)
+                for backend in graph.backends:
+                    backend.reopened()
+
+
+async def create_active_commit(manager: JobManager, root: Node, base: Node, args: dict[str, Any],
+                               walk: list[Node]) -> ActiveCommitJob:
+    """block-commit whose top is the device's root (checked by create_commit):
+    freeze the chain down to base, reopen base read-write, block the nodes."""
+    from imgchain.chain import reopen_node
+    from .commit import REASON
+    graph = manager.graph
+    backend = graph.backend_of(root)
+    assert backend is not None
+    if "backing-file" in args:
+        raise JobError("'backing-file' specified, but 'top' is the active layer")
+    if base.size < root.size and not hasattr(base.driver, "grow"):
+        raise JobError(f"{base.filename}: cannot grow a {base.format_name} base to the size of "
+                       f"'{root.filename}' ({root.size} bytes)")
+    options = manager.job_options(args, args["device"])
+    job = ActiveCommitJob(manager, backend, root, base, **options)
+    job.frozen = graph.freeze(root, base)
+    try:
+        if not base.writable:
+            async with graph.drained():
+                reopen_node(base, True)
+                for b in graph.backends:
+                    b.reopened()
+            job.base_was_read_only = True
+    except BaseException:
+        graph.unfreeze(job.frozen)
+        raise
+    job.nodes = walk
+    graph.block(job, walk, REASON)
+    return manager.start(job)
