@@ -16,6 +16,7 @@ from imgchain.qmp import Command, QmpError
 from .commit import create_commit
 from .job import JobError
 from .manager import JobManager
+from .snapshot import snapshot_sync
 from .stream import create_stream
 
 _JOB_ARGS = {"job-id": ("str", False), "speed": ("int", False), "on-error": ("str", False),
@@ -27,6 +28,9 @@ STREAM_ARGS = {"device": ("str", True), "base": ("str", False), "base-node": ("s
 COMMIT_ARGS = {"device": ("str", True), "top": ("str", False), "top-node": ("str", False),
                "base": ("str", False), "base-node": ("str", False), "backing-file": ("str", False),
                "backing-mask-protocol": ("bool", False), **_JOB_ARGS}
+
+SNAPSHOT_ARGS = {"device": ("str", False), "node-name": ("str", False), "snapshot-file": ("str", True),
+                 "snapshot-node-name": ("str", False), "format": ("str", False), "mode": ("str", False)}
 
 
 def _qmp_errors(handler: Callable[[dict[str, Any]], Awaitable[Any]]) -> Callable[[dict[str, Any]], Awaitable[Any]]:
@@ -56,6 +60,10 @@ def job_commands(manager: JobManager) -> list[Command]:
             call(job, args)
             return {}
         return Command(name, _qmp_errors(handler), {arg: ("str", True), **(extra or {})})
+
+    async def blockdev_snapshot_sync(args: dict[str, Any]) -> dict[str, Any]:
+        await snapshot_sync(manager.graph, args)
+        return {}
 
     async def query_block_jobs(args: dict[str, Any]) -> list[dict[str, Any]]:
         return manager.query_block_jobs()
@@ -87,6 +95,7 @@ def job_commands(manager: JobManager) -> list[Command]:
         verb("job-complete", "id", complete),
         verb("job-dismiss", "id", dismiss),
         verb("job-finalize", "id", finalize),
+        Command("blockdev-snapshot-sync", _qmp_errors(blockdev_snapshot_sync), SNAPSHOT_ARGS),
         Command("query-block-jobs", query_block_jobs),
         Command("query-jobs", query_jobs),
     ]
