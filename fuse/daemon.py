@@ -106,12 +106,19 @@ async def _announce(opts: MountOptions, daemon: Daemon, socket: str, created: bo
                     ready: Callable[[str], None]) -> None:
     # A stat from another thread proves the kernel sees the file through us.
     max_background = await trio.to_thread.run_sync(raise_max_background, opts.mountpoint)
-    nodes = [{"node-name": n.node_name, "file": os.path.abspath(n.filename), "format": n.format_name}
-             for n in daemon.nodes]
-    write_record(MountRecord.for_this_process(
-        mountpoint=os.path.abspath(opts.mountpoint), image=os.path.abspath(opts.image), socket=socket,
-        device=opts.device, read_only=opts.read_only, nodes=nodes, created_mountpoint=created,
-        max_background=max_background))
+    record = MountRecord.for_this_process(
+        mountpoint=os.path.abspath(opts.mountpoint), image="", socket=socket, device=opts.device,
+        read_only=opts.read_only, created_mountpoint=created, max_background=max_background)
+
+    def write_current() -> None:
+        """The record shows the chain as it is now (after a pivot, a snapshot, a stream)."""
+        record.image = os.path.abspath(daemon.backend.root.filename)
+        record.nodes = [{"node-name": n.node_name, "file": os.path.abspath(n.filename), "format": n.format_name}
+                        for n in daemon.nodes]
+        write_record(record)
+
+    write_current()
+    daemon.graph.listeners.append(write_current)
     ready(socket)
 
 

@@ -25,7 +25,7 @@ for writing, which is why a writer finding readers is a bug, not a wait.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Protocol
 
 from .errors import ImgchainError
 from .node import Child, Node, attach_backing, detach_backing
@@ -82,6 +82,13 @@ class BlockGraph:
         self.jobs: list[Quiescable] = []  # jobs that are still attached to nodes
         self.lock = GraphLock()
         self.quiesce_counter = 0
+        # Called after every change of links, roots or membership (the daemon
+        # rewrites its mount record so `imgchain mounts` shows the chain as it is).
+        self.listeners: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     # -- membership -------------------------------------------------------
 
@@ -185,6 +192,7 @@ class BlockGraph:
             detach_backing(parent)
             if child is not None:
                 attach_backing(parent, child)
+        self.changed()
 
     def replace_node(self, old: Node, new: Node) -> list[Node]:
         """QEMU's bdrv_replace_node: every parent of `old` (overlays and
@@ -202,6 +210,7 @@ class BlockGraph:
             for backend in self.backends:
                 if backend.root is old:
                     backend.replace_root(new)
+        self.changed()
         return overlays
 
     # -- drain ----------------------------------------------------------------
@@ -266,4 +275,6 @@ class BlockGraph:
             del self.nodes[node.node_name]
             detach_backing(node)
             node.close()
+        if dropped:
+            self.changed()
         return dropped

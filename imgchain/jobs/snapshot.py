@@ -89,6 +89,7 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
                 attach_backing(overlay, root)
                 graph.nodes[overlay.node_name] = overlay
                 backend.replace_root(overlay)
+        graph.changed()
     except BaseException:
         if overlay.node_name not in graph.nodes:
             overlay.close()
