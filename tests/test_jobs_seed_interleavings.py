@@ -1,0 +1,211 @@
+"""The interleavings the QEMU thread in seed/ is about, forced deterministically.
+
+Each test holds a guest request in flight with a fault-injection delay (so a
+drain has to wait for it) and runs on trio's autojump clock, then lets other
+things happen inside that window: a job completing inside another job's
+drain, a guest request arriving during a pivot, a snapshot taken while a
+stream runs below it, a job cancelled while another prepares. The graph
+change of each job must look its nodes up only after its drain, and no
+request may fail or see a wrong byte.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from imgchain.backend import BlockBackend
+from imgchain.blkdebug import BlkDebug, Rule
+from imgchain.chain import open_backing_chain
+from imgchain.graph import BlockGraph
+from imgchain.jobs.commit import create_commit
+from imgchain.jobs.manager import JobManager
+from imgchain.jobs.snapshot import snapshot_sync
+from imgchain.jobs.stream import create_stream
+
+from .conftest import qemu_img
+from .test_jobs_concurrent import MIB, build_p9
+
+
+@pytest.fixture(scope="module")
+def p9_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("p9-seed")
+    build_p9(directory)
+    return directory
+
+
+class Setup:
+    def __init__(self, directory: Path, rules: list[Rule]) -> None:
+        self.directory = directory
+        self.graph = BlockGraph()
+        top = open_backing_chain(str(directory / "img-8.qcow2"), writable=True)
+        self.graph.add_chain(top)
+        self.debug = BlkDebug(rules)
+        self.backend = BlockBackend(top, debug=self.debug)
+        self.graph.add_backend(self.backend)
+        self.manager = JobManager(self.graph, self.debug)
+        self.events: list[tuple[str, dict]] = []
+        self.manager.listeners.append(lambda name, data: self.events.append((name, data)))
+
+    def node(self, name: str) -> Any:
+        return self.graph.nodes[name]
+
+    def close(self) -> None:
+        for node in list(self.graph.nodes.values()):
+            node.close()
+
+
+@pytest.fixture
+def chain(p9_template: Path, tmp_path: Path) -> Path:
+    for f in p9_template.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def slow_read(offset: int = 0) -> Rule:
+    """A guest read of one cluster that stays in flight for 10 s (simulated)."""
+    return Rule(image="img-8", op="read", offset=offset, length=512, delay_ms=10_000, once=True)
+
+
+async def until(predicate: Any) -> None:
+    while not predicate():
+        await trio.sleep(0.001)
+
+
+@pytest.mark.parametrize("repeat", range(12))
+async def test_a_job_completes_inside_another_jobs_drain(chain: Path, autojump_clock: Any, repeat: int) -> None:
+    """test_overlapping_5's race, forced: the commit's prepare is draining
+    (a guest read holds it) when the stream's prepare starts draining too;
+    whichever changes the graph first (trio picks the order at random when
+    the read ends, hence the repeats), the other looks img-2's replacement
+    up only after its own drain, so img-4 ends over img-0."""
+    s = Setup(chain, [slow_read()])
+    before = bytes(await s.backend.read(1 * MIB, 4096))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        commit = await create_commit(s.manager, {"device": "drive0", "top-node": "img-2",
+                                                 "base-node": "img-0", "auto-finalize": False})
+        stream = await create_stream(s.manager, {"device": "img-4", "bottom": "img-3", "job-id": "img-4",
+                                                 "auto-finalize": False})
+        await until(lambda: commit.status == "pending" and stream.status == "pending")
+        read_result: list[bytes] = []
+
+        async def guest_read() -> None:
+            read_result.append(bytes(await s.backend.read(0, 512)))
+
+        nursery.start_soon(guest_read)
+        await wait_all_tasks_blocked()
+        assert s.backend.in_flight == 1
+        commit.finalize()
+        await wait_all_tasks_blocked()
+        assert s.node("img-3").backing_node.node_name == "img-2"  # the commit waits in its drain
+        stream.finalize()
+        await wait_all_tasks_blocked()
+        assert s.node("img-4").backing_node.node_name == "img-3"  # so does the stream
+        await commit.done.wait()
+        await stream.done.wait()
+        assert read_result and len(read_result[0]) == 512
+        nursery.cancel_scope.cancel()
+    assert (commit.error, stream.error) == (None, None)
+    assert s.node("img-4").backing_node.node_name == "img-0"
+    assert "img-2" not in s.graph.nodes
+    assert bytes(await s.backend.read(1 * MIB, 4096)) == before
+    s.close()
+
+
+async def test_a_guest_write_arriving_during_the_pivot_waits_and_lands_on_base(chain: Path,
+                                                                              autojump_clock: Any) -> None:
+    s = Setup(chain, [slow_read(10 * MIB)])  # a range the commit has nothing to copy from
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
+        await until(lambda: job.status == "ready")
+        reads: list[bytes] = []
+        nursery.start_soon(lambda: _append_read(s.backend, reads, 10 * MIB))
+        await wait_all_tasks_blocked()
+        job.complete()
+        await wait_all_tasks_blocked()
+        assert job.finishing and s.backend.root.node_name == "img-8"  # draining: the read holds it
+        written = trio.Event()
+
+        async def guest_write() -> None:
+            await s.backend.write(3 * MIB, b"\x5a" * 4096)
+            written.set()
+
+        nursery.start_soon(guest_write)
+        await wait_all_tasks_blocked()
+        assert not written.is_set()  # held while drained, not failed
+        await job.done.wait()
+        await written.wait()
+        assert s.backend.root.node_name == "img-6"
+        assert reads and len(reads[0]) == 512
+        nursery.cancel_scope.cancel()
+    assert job.error is None
+    assert bytes(await s.backend.read(3 * MIB, 4096)) == b"\x5a" * 4096
+    assert bytes(s.node("img-6").read(3 * MIB, 4096)) == b"\x5a" * 4096  # it landed on the new root
+    assert "img-8" not in s.graph.nodes and "img-7" not in s.graph.nodes
+    s.close()
+    proc = qemu_img("check", chain / "img-6.qcow2")
+    assert proc.returncode == 0, proc.stdout
+
+
+async def _append_read(backend: BlockBackend, out: list[bytes], offset: int = 0) -> None:
+    out.append(bytes(await backend.read(offset, 512)))
+
+
+async def test_a_snapshot_taken_while_a_stream_runs_below_it(chain: Path, autojump_clock: Any) -> None:
+    s = Setup(chain, [])
+    model = bytearray(await s.backend.read(0, 16 * MIB))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        stream = await create_stream(s.manager, {"device": "img-4", "base-node": "img-1", "speed": 1 * MIB})
+        await trio.sleep(0.5)
+        assert stream.status == "running"
+        overlay = await snapshot_sync(s.graph, {"device": "drive0", "snapshot-file": str(chain / "snap.qcow2")})
+        assert s.backend.root is overlay and overlay.backing_node.node_name == "img-8"
+        await s.backend.write(5 * MIB, b"\x77" * 8192)
+        model[5 * MIB:5 * MIB + 8192] = b"\x77" * 8192
+        stream.set_speed(0)
+        await stream.done.wait()
+        nursery.cancel_scope.cancel()
+    assert stream.error is None
+    assert [n.node_name for n in s.backend.root.chain()] == ["snap", "img-8", "img-7", "img-6", "img-5",
+                                                            "img-4", "img-1", "img-0"]
+    assert bytes(await s.backend.read(0, 16 * MIB)) == bytes(model)
+    assert not s.node("img-8").writable  # a backing now
+    s.close()
+    for name in ("snap.qcow2", "img-8.qcow2", "img-4.qcow2"):
+        proc = qemu_img("check", chain / name)
+        assert proc.returncode == 0, proc.stdout
+
+
+async def test_cancel_of_one_job_while_another_prepares(chain: Path, autojump_clock: Any) -> None:
+    s = Setup(chain, [slow_read()])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        commit = await create_commit(s.manager, {"device": "drive0", "top-node": "img-2",
+                                                 "base-node": "img-0", "auto-finalize": False})
+        stream = await create_stream(s.manager, {"device": "img-6", "base-node": "img-4", "speed": 4096})
+        await until(lambda: commit.status == "pending")
+        nursery.start_soon(lambda: _append_read(s.backend, []))
+        await wait_all_tasks_blocked()
+        commit.finalize()
+        await wait_all_tasks_blocked()
+        assert commit.finishing and stream.pause_count > 0  # the drain pauses the stream
+        stream.cancel()
+        await commit.done.wait()
+        await stream.done.wait()
+        nursery.cancel_scope.cancel()
+    assert commit.error is None and stream.error == "Operation canceled"
+    assert [e[0] for e in s.events if e[0].startswith("BLOCK_JOB_")] == ["BLOCK_JOB_PENDING", "BLOCK_JOB_CANCELLED",
+                                                                        "BLOCK_JOB_COMPLETED"] \
+        or [e[0] for e in s.events if e[0].startswith("BLOCK_JOB_")] == ["BLOCK_JOB_PENDING", "BLOCK_JOB_COMPLETED",
+                                                                        "BLOCK_JOB_CANCELLED"]
+    assert s.node("img-6").backing_node.node_name == "img-5"  # the cancelled stream changed nothing
+    assert s.node("img-3").backing_node.node_name == "img-0"
+    s.close()
