@@ -4,7 +4,8 @@ Every test builds the daemon's objects without FUSE: a BlockGraph over a
 three-image chain, the BlockBackend the export issues guest requests through
 (`await backend.read/write`), and a JobManager. Interleavings are forced with
 trio's tools, never with wall-clock timing: `wait_all_tasks_blocked` to reach
-a state where everything else waits, the autojump MockClock so injected
+a state where everything else waits, a `Sequencer` where two actors must
+take turns, the autojump MockClock so injected
 blkdebug delays (Rule(delay_ms=...)) end only when nothing else can run, and
 simulated time for the rate limit.
 
@@ -257,6 +258,50 @@ async def test_pause_mid_chunk_takes_effect_after_the_chunk(env: Env, autojump_c
     assert env.names() == ["top"]
     assert read_all_through(env) == layout()
 
+
+
+async def test_resume_during_a_drain_waits_for_its_end(env: Env) -> None:
+    """A user-paused job, a drain and a resume interleave (ordered by a
+    Sequencer): the resume does not let the job run while the drain holds it;
+    the end of the drain does."""
+    seq = trio.testing.Sequencer()
+    async with serving(env.manager) as nursery:
+        job = await start_stream(env)
+        job.pause()  # in created: the job stops at its first pause point
+        await trio.testing.wait_all_tasks_blocked()
+        assert job.status == "paused" and job.offset == 0
+
+        async def drainer() -> None:
+            async with seq(0):
+                drain = env.graph.drained()
+                await drain.__aenter__()
+            async with seq(2):
+                assert job.status == "paused" and job.offset == 0
+                await drain.__aexit__(None, None, None)
+
+        async def user() -> None:
+            async with seq(1):
+                job.resume()
+                await trio.testing.wait_all_tasks_blocked()
+                assert job.status == "paused" and job.offset == 0 and job.pause_count == 1
+                assert env.backend.quiesce_counter == 1
+
+        nursery.start_soon(drainer)
+        nursery.start_soon(user)
+        await job.done.wait()
+    assert env.event_names()[:4] == ["created", "running", "paused", "running"]
+    assert env.names() == ["top"] and read_all_through(env) == layout()
+
+
+async def test_job_started_during_a_drain_waits_for_its_end(env: Env) -> None:
+    async with serving(env.manager):
+        async with env.graph.drained():
+            job = await start_stream(env)
+            await trio.testing.wait_all_tasks_blocked()
+            assert job.offset == 0 and job.status in ("created", "paused")
+            assert env.names() == ["top", "mid", "base"]
+        await job.done.wait()
+    assert env.names() == ["top"] and read_all_through(env) == layout()
 
 # -- (c) cancel around prepare ------------------------------------------------
 
