@@ -414,7 +414,7 @@ async def test_guest_write_racing_the_copy_survives(env: Env, kind: str, window:
                                                     autojump_clock: Any) -> None:
     """The job's I/O of the range holding cluster X is delayed (before it reads
     X, or after it read X and before it writes it); the guest writes part of
-    X and all of X+1 through the device meanwhile. After the job the guest's
+    X, all of X+1 and zeroes part of X+2 through the device meanwhile. After the job the guest's
     bytes are what the device shows (stream: the job never overwrites a
     cluster the guest wrote into top with its older copy)."""
     source, target = {"stream": ("mid", "top"), "commit": ("mid", "base")}[kind]
@@ -428,16 +428,18 @@ async def test_guest_write_racing_the_copy_survives(env: Env, kind: str, window:
         assert job.stage == window
         await env.backend.write(RACE_AT + 100, b"\x55" * 512)
         await env.backend.write(RACE_AT + CLUSTER, b"\x66" * CLUSTER)
+        await env.backend.write_zeroes(RACE_AT + 2 * CLUSTER + 512, 1024)
         assert job.busy and job.offset == 1 * MiB  # the writes did not wait for the job's chunk
         await job.done.wait()
     assert [n for n, _ in env.events if n.startswith("BLOCK_JOB")] == ["BLOCK_JOB_COMPLETED"]
     expected = layout()
     expected[RACE_AT + 100:RACE_AT + 612] = b"\x55" * 512
     expected[RACE_AT + CLUSTER:RACE_AT + 2 * CLUSTER] = b"\x66" * CLUSTER
+    expected[RACE_AT + 2 * CLUSTER + 512:RACE_AT + 2 * CLUSTER + 1536] = bytes(1024)
     assert env.names() == AFTER[kind][0]
     assert read_all_through(env) == expected
     if kind == "stream":  # top now stands alone and holds the guest's bytes
-        assert bytes(env.node("top").read(RACE_AT, 2 * CLUSTER)) == expected[RACE_AT:RACE_AT + 2 * CLUSTER]
+        assert bytes(env.node("top").read(RACE_AT, 3 * CLUSTER)) == expected[RACE_AT:RACE_AT + 3 * CLUSTER]
 
 
 # -- (e) the rate limit, in simulated time --------------------------------------
