@@ -6,18 +6,26 @@ expected guest content, shows `imgchain info --backing-chain`, `map` and
 `check`, mounts the chain as a file and writes and reads it with `dd`
 (checksums compared with the model), unmounts, runs a safe `rebase` that drops
 mid.qcow2 from the chain, and checks with `imgchain compare`, `qemu-img
-compare` and `qemu-img check` that nothing changed. Exits non-zero if any
-verification fails.
+compare` and `qemu-img check` that nothing changed. Then it mounts the chain
+again and streams base.raw into top.qcow2 (`imgchain stream`, a progress line
+on a terminal) while a writer thread keeps writing and verifying through the
+mount, shows the job in `imgchain jobs` and `imgchain mounts`, and checks the
+final chain (top.qcow2 alone) against the writer's model and with `qemu-img
+check`. Exits non-zero if any verification fails.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import mmap
 import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import imgchain
 from imgchain.create import create_image
@@ -102,6 +110,99 @@ def mounted_io(work: str, model: bytearray) -> None:
         f.write(model)
 
 
+class Writer(threading.Thread):
+    """Writes random 4 KiB blocks through the mounted file with O_DIRECT (past
+    the page cache, so every request reaches the daemon), reads each one back,
+    and keeps the model of the guest content up to date."""
+
+    BLOCK = 4096
+
+    def __init__(self, disk: str, model: bytearray, span: int) -> None:
+        super().__init__(daemon=True)
+        self.disk, self.model, self.span = disk, model, span
+        self.stop = threading.Event()
+        self.writes = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        rng = random.Random(99)
+        fd = os.open(self.disk, os.O_RDWR | os.O_DIRECT)
+        out, back = mmap.mmap(-1, self.BLOCK), mmap.mmap(-1, self.BLOCK)
+        try:
+            while not self.stop.is_set():
+                off = rng.randrange(0, self.span // self.BLOCK) * self.BLOCK
+                data = rng.randbytes(self.BLOCK)
+                out[:] = data
+                os.pwritev(fd, [out], off)
+                self.model[off:off + self.BLOCK] = data
+                os.preadv(fd, [back], off)
+                if back[:] != data:
+                    self.error = f"read back at {off} differs from what was written"
+                    return
+                self.writes += 1
+        except OSError as exc:
+            self.error = str(exc)
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        print(f"   writer: {self.writes} verified 4 KiB writes through the mount during the stream"
+              f"{'' if self.error is None else ': ' + self.error}")
+        if self.error is not None or not self.writes:
+            raise SystemExit("demo: the writer failed during the stream")
+
+
+def read_direct(path: str, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, size)
+        os.preadv(fd, [buf], 0)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def stream_while_writing(work: str, model: bytearray) -> None:
+    print("\n== live stream: mount top.qcow2 again, pull base.raw into it while a writer writes and verifies")
+    run("imgchain", "mount", "top.qcow2", "disk.img")
+    try:
+        writer = Writer("disk.img", model, 24 * MiB)
+        writer.start()
+        argv = ["imgchain", "stream", "--speed", "8M", "--output", "json", "top.qcow2"]
+        print(f"\n$ {' '.join(argv)}    (progress on a terminal; the writer keeps going)", flush=True)
+        stream = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # stderr: the progress line
+        while stream.poll() is None:
+            jobs = subprocess.run(["imgchain", "jobs", "--output", "json"], capture_output=True, text=True)
+            if jobs.returncode == 0 and json.loads(jobs.stdout):
+                break
+            time.sleep(0.05)
+        if stream.poll() is None:
+            run("imgchain", "jobs")
+            run("imgchain", "mounts")
+        out, _ = stream.communicate()
+        print(out.rstrip(), flush=True)
+        if stream.returncode != 0:
+            raise SystemExit(f"demo: the stream exited {stream.returncode}")
+        writer.finish()
+        got = read_direct("disk.img", SIZE)
+        ok = got == model
+        print(f"   mounted file sha256 {digest(got)}, model {digest(model)}: {'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            raise SystemExit("demo: the mounted file differs from the model after the stream")
+    finally:
+        run("imgchain", "unmount", "disk.img")
+    run("imgchain", "info", "--backing-chain", "top.qcow2")
+    verify(work, model, "content after the live stream")
+    with open("model.raw", "wb") as f:
+        f.write(model)
+    run("qemu-img", "compare", "top.qcow2", "model.raw")
+    for image in ("top.qcow2", "mid.qcow2"):
+        run("imgchain", "check", image)
+        run("qemu-img", "check", image)
+
+
 def main() -> None:
     work = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "demo-work")
     shutil.rmtree(work, ignore_errors=True)
@@ -125,6 +226,7 @@ def main() -> None:
     run("imgchain", "compare", "top.qcow2", "model.raw")
     run("qemu-img", "compare", "top.qcow2", "model.raw")
     run("qemu-img", "check", "top.qcow2")
+    stream_while_writing(work, model)
     print("\ndemo: all verifications passed")
 
 

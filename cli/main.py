@@ -10,6 +10,7 @@ cli/common.py; importing the command modules here adds their commands.
 from __future__ import annotations
 
 from . import images  # noqa: F401  (registers create, info, check, map, compare, rebase)
+from . import jobs  # noqa: F401  (registers stream, commit, jobs, job)
 from . import mount  # noqa: F401  (registers mount, unmount, mounts)
 from .common import main
 

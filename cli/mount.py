@@ -224,18 +224,57 @@ def unmount(mountpoint: str) -> None:
     _recover_dead(mountpoint, record)
 
 
+JOBS_QUERY_TIMEOUT = 5
+
+
+def _mount_jobs(record: MountRecord, state: str) -> tuple[list[dict[str, object]], str | None]:
+    """The jobs of a mount's daemon (query-jobs records with speed and
+    io-status), and why they are unknown if the daemon cannot be asked."""
+    if state != "running":
+        return [], None
+    try:
+        with QmpClient(record.socket, timeout=JOBS_QUERY_TIMEOUT) as client:
+            block = {j["device"]: j for j in client.execute("query-block-jobs")}
+            jobs = client.execute("query-jobs")
+    except (QmpClientError, OSError, ValueError, KeyError, TypeError) as exc:
+        return [], str(exc) or type(exc).__name__
+    return [{**j, "speed": block.get(j["id"], {}).get("speed", 0),
+             "io-status": block.get(j["id"], {}).get("io-status", "ok")} for j in jobs], None
+
+
 def _mount_doc(record: MountRecord) -> dict[str, object]:
-    return {"mountpoint": record.mountpoint, "image": record.image, "pid": record.pid,
-            "state": record.state(), "socket": record.socket, "device": record.device,
-            "read-only": record.read_only, "max-background": record.max_background,
-            "nodes": record.nodes}
+    state = record.state()
+    jobs, jobs_error = _mount_jobs(record, state)
+    doc: dict[str, object] = {
+        "mountpoint": record.mountpoint, "image": record.image, "pid": record.pid,
+        "state": state, "socket": record.socket, "device": record.device,
+        "read-only": record.read_only, "max-background": record.max_background,
+        "nodes": record.nodes, "jobs": jobs}
+    if jobs_error is not None:
+        doc["jobs-error"] = jobs_error
+    return doc
+
+
+def _jobs_line(doc: dict[str, object]) -> str:
+    if "jobs-error" in doc:
+        return f"  jobs: unknown (cannot query the daemon: {doc['jobs-error']})"
+    jobs = doc["jobs"]
+    if not jobs:
+        return "  jobs: none"
+    parts = []
+    for j in jobs:  # type: ignore[attr-defined]
+        total = j["total-progress"]
+        pct = f" {j['current-progress'] * 100 // total}%" if total else ""
+        error = f", error: {j['error']}" if "error" in j else ""
+        parts.append(f"{j['id']} ({j['type']}, {j['status']}{pct}{error})")
+    return "  jobs: " + "; ".join(parts)
 
 
 @main.command()
 @output_option
 @user_errors()
 def mounts(output: str) -> None:
-    """List mounts: mount point, image, pid, state, control socket, nodes.
+    """List mounts: mount point, image, pid, state, control socket, nodes, jobs.
 
     A mount whose daemon died is listed as dead until `imgchain unmount` clears it."""
     docs = [_mount_doc(r) for r in current_records()]
@@ -248,3 +287,5 @@ def mounts(output: str) -> None:
         dead = " DEAD: the daemon died; `imgchain unmount` detaches it" if d["state"] == "dead" else ""
         click.echo(f"{d['mountpoint']}{ro}: {d['image']} pid {d['pid']} socket {d['socket']}{dead}\n"
                    f"  nodes: {nodes}")
+        if d["state"] == "running":
+            click.echo(_jobs_line(d))
