@@ -376,12 +376,8 @@ async def test_cancel_while_prepare_drains_is_too_late(env: Env, kind: str, auto
 
 
 
-FINALIZE_BUG = ("core: Job.finalize() only sets an event; a cancel handled before the job task runs "
-                "again (another QMP command in the same batch) still aborts the job that finalize "
-                "accepted (fix: finalize marks the job finishing at once)")
 
 
-@pytest.mark.xfail(strict=True, reason=FINALIZE_BUG)
 @pytest.mark.parametrize("kind", ["stream", "commit"])
 async def test_cancel_right_after_finalize_does_not_undo_it(env: Env, kind: str) -> None:
     """job-finalize then block-job-cancel with no job step in between (two QMP
@@ -464,11 +460,8 @@ def flat(tmp_path: Path):
     assert_qemu_clean(tmp_path / "top.qcow2", tmp_path / "base.qcow2")
 
 
-RATE_BUG = ("core: RateLimit.delay drops the bytes of a chunk that exceeds the quota (QEMU adds them "
-            "always), so once simulated time stops advancing the job copies unthrottled")
 
 
-@pytest.mark.xfail(strict=True, reason=RATE_BUG)
 @pytest.mark.parametrize("speed", [512 << 10, 2 * MiB])
 async def test_rate_limit_copies_speed_bytes_per_simulated_second(flat: Env, speed: int,
                                                                  autojump_clock: Any) -> None:

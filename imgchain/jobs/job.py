@@ -87,11 +87,12 @@ class RateLimit:
             return 0.0
         quota = max(self.speed * SLICE_SECONDS, 1)
         now = trio.current_time()
-        if self.slice_end < now:
+        if self.slice_end < now:  # the (possibly extended) slice is over
             self.slice_start, self.slice_end, self.dispatched = now, now + SLICE_SECONDS, 0
-        if self.dispatched == 0 or self.dispatched + n <= quota:
-            self.dispatched += n
+        self.dispatched += n
+        if self.dispatched < quota:
             return 0.0
+        # over the quota: wait in proportion to the excess, then a new slice
         self.slice_end = self.slice_start + self.dispatched / quota * SLICE_SECONDS
         return self.slice_end - now
 
@@ -276,6 +277,7 @@ class Job:
 
     def finalize(self) -> None:
         self.check_verb("finalize")
+        self.finishing = True  # accepted: a cancel after this is too late, as in QEMU
         self._finalize.set()
 
     def dismiss(self) -> None:
