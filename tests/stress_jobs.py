@@ -37,6 +37,7 @@ from imgchain.chain import open_backing_chain, resolve_backing_name
 from imgchain.errors import ImgchainError
 from imgchain.graph import BlockGraph
 from imgchain.jobs.commit import create_commit
+from imgchain.jobs.job import VERBS
 from imgchain.jobs.manager import JobManager
 from imgchain.jobs.snapshot import snapshot_sync
 from imgchain.jobs.stream import create_stream
@@ -138,7 +139,7 @@ class Round:
             self.done.append(f"{kind} refused")
             return
         await trio.sleep(self.rng.choice([0, 0.01, 0.05]))
-        if job.status not in ("concluded", "null"):
+        if job.status in VERBS["set-speed"]:
             job.set_speed(0)
         if kind == "active":
             await self._finish_active(job)

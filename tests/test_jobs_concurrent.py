@@ -29,6 +29,7 @@ from imgchain.backend import BlockBackend
 from imgchain.chain import open_backing_chain
 from imgchain.graph import BlockGraph
 from imgchain.jobs.commit import create_commit
+from imgchain.jobs.job import VERBS
 from imgchain.jobs.manager import JobManager
 from imgchain.jobs.stream import create_stream
 
@@ -95,7 +96,8 @@ async def run_two_jobs(top_path: Path, stream_args: dict, seed: int) -> tuple[Bl
         rng.shuffle(jobs)
         for job in jobs:  # lift the throttles in a random order, at random moments
             await trio.sleep(rng.choice([0, 0.005, 0.02, 0.05]))
-            job.set_speed(0) if job.status not in ("concluded", "null") else None
+            if job.status in VERBS["set-speed"]:  # not once it is finishing
+                job.set_speed(0)
         for job in jobs:
             await job.done.wait()
         stop.set()

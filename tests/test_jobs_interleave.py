@@ -107,6 +107,16 @@ class Env:
         return out
 
 
+
+@pytest.fixture(autouse=True)
+def worker_threads_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the autojump clock, a task waiting for a worker thread lets
+    simulated time jump to the next deadline (ending a held request early);
+    running thread work inline keeps every interleaving here deterministic."""
+    async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
 @pytest.fixture
 def env(tmp_path: Path):
     top = open_backing_chain(str(build_chain(tmp_path)), writable=True)

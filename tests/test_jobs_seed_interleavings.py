@@ -32,6 +32,16 @@ from .conftest import qemu_img
 from .test_jobs_concurrent import MIB, build_p9
 
 
+
+@pytest.fixture(autouse=True)
+def worker_threads_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the autojump clock, a task waiting for a worker thread lets
+    simulated time jump to the next deadline (ending a held request early);
+    running thread work inline keeps every interleaving here deterministic."""
+    async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
 @pytest.fixture(scope="module")
 def p9_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("p9-seed")

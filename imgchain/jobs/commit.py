@@ -28,7 +28,7 @@ from imgchain.errors import ImgchainError
 from imgchain.graph import GraphError
 from imgchain.node import Node
 
-from .copy import CopyJob, allocated_above, is_zero
+from .copy import CopyJob, allocated_above, is_zero, sync_outside_drain
 from .job import JobError
 from .manager import JobManager
 
@@ -81,6 +81,7 @@ class CommitJob(CopyJob):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
+        await sync_outside_drain(self.base)
         async with graph.drained():
             graph.unfreeze(self.frozen)
             self.frozen = []

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import trio
+
 from imgchain.extent import Status
 
 from .job import Job, JobFailed, error_text
@@ -70,8 +72,22 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+_ZEROS = bytes(CHUNK)
+
+
 def is_zero(data: bytes | bytearray) -> bool:
-    return data.count(0) == len(data)
+    """A memory compare that stops at the first non-zero byte (count() reads all)."""
+    if len(data) > len(_ZEROS):
+        return data.count(0) == len(data)
+    return data == _ZEROS[:len(data)]
+
+
+async def sync_outside_drain(node: "Node") -> None:
+    """Write back and fdatasync what a job wrote into `node`, in a worker
+    thread, before its graph change drains: the drain then holds guest I/O
+    only for the few writes since (not for the page cache of the whole job)."""
+    node.write_back()
+    await trio.to_thread.run_sync(node.sync_file)
 
 
 class CopyJob(Job):

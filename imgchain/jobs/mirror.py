@@ -25,7 +25,7 @@ from imgchain.backend import BlockBackend
 from imgchain.graph import GraphError
 from imgchain.node import Node
 
-from .copy import CHUNK, allocated_above, is_zero
+from .copy import CHUNK, allocated_above, is_zero, sync_outside_drain
 from .job import Job, JobError
 from .manager import JobManager
 
@@ -122,7 +122,9 @@ class ActiveCommitJob(Job):
                 return
             if not self.dirty.count:
                 if self.status == "running":
-                    self.base.flush()
+                    await sync_outside_drain(self.base)
+                    if self.dirty.count or self.cancelled:
+                        continue  # written meanwhile: copy that first
                     self.transition("ready")
                     self.manager.emit("BLOCK_JOB_READY", self._event_data())
                 if self.should_complete or self.soft_cancelled:
@@ -161,6 +163,7 @@ class ActiveCommitJob(Job):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
+        await sync_outside_drain(self.base)
         async with graph.drained():
             while self.dirty.count:  # nothing new arrives while drained
                 first, count = self.dirty.take_run(CHUNK // self.dirty.granule)  # type: ignore[misc]

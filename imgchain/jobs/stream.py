@@ -25,7 +25,7 @@ from imgchain.chain import backing_name_for, reopen_node
 from imgchain.graph import GraphError
 from imgchain.node import Node
 
-from .copy import CopyJob, allocated_above, intersect, is_zero, unallocated_in
+from .copy import CopyJob, allocated_above, intersect, is_zero, sync_outside_drain, unallocated_in
 from .job import JobError
 from .manager import JobManager
 
@@ -79,6 +79,7 @@ class StreamJob(CopyJob):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
+        await sync_outside_drain(self.top)
         async with graph.drained():
             graph.unfreeze(self.frozen)
             self.frozen = []
