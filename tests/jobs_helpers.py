@@ -209,10 +209,14 @@ class Qmp:
 
     async def error(self, name: str, **args: Any) -> str:
         """Run a command that must fail; its error description."""
+        return (await self.failure(name, **args))[1]
+
+    async def failure(self, name: str, **args: Any) -> tuple[str, str]:
+        """Run a command that must fail; (error class, description)."""
         try:
             result = await self.client.execute(name, args or None)
         except ExecuteError as exc:
-            return str(exc)
+            return exc.error_class, str(exc)
         raise AssertionError(f"{name} {args} succeeded ({result}) but should have failed")
 
     def mark(self) -> int:
