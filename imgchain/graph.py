@@ -24,9 +24,11 @@ for writing, which is why a writer finding readers is a bug, not a wait.
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Protocol
 
+from .chain import resolve_backing_name
 from .errors import ImgchainError
 from .node import Child, Node, attach_backing, detach_backing
 
@@ -123,15 +125,26 @@ class BlockGraph:
         return node
 
     def find_by_file(self, top: Node, filename: str) -> Node | None:
-        """The node of `top`'s chain (top excluded) that is the file `filename`."""
-        import os
-        for node in top.chain()[1:]:
+        """The node of `top`'s chain (top excluded) that is the file
+        `filename` (QEMU's bdrv_find_backing_image): a relative name is taken
+        against the directory of the image above each candidate, as a
+        backing name would be, and files are compared by device and inode."""
+        chain = top.chain()
+        for overlay, node in zip(chain, chain[1:]):
+            candidate = filename if os.path.isabs(filename) else resolve_backing_name(overlay.filename, filename)
             try:
-                if filename == node.filename or os.path.samefile(filename, node.filename):
+                if candidate == node.filename or os.path.samefile(candidate, node.filename):
                     return node
             except OSError:
                 continue
         return None
+
+    def find_node(self, name: str) -> Node:
+        """A node by node name only (QEMU's bdrv_lookup_bs(NULL, name)), else GraphError."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise GraphError(f"Cannot find device='' nor node-name='{name}'")
+        return node
 
     # -- blockers ---------------------------------------------------------
 

@@ -157,11 +157,6 @@ def test_scenario_02_partial_and_noop_stream(tmp_path: Path) -> None:
     assert digest(b["mid"]) == mid_before
 
 
-A9_BUG = ("core bug: `base`/`top` file names are compared with the daemon's working directory, "
-          "not resolved against the directory of the image above (BLOCK-JOBS.md A9)")
-
-
-@pytest.mark.xfail(strict=True, reason=A9_BUG)
 def test_scenario_02_base_given_by_file_name(tmp_path: Path) -> None:
     """Scenario 2 (a) with the base named by file, as in the header
     (`base=base.raw`, relative to the directory of mid, the image above it:
@@ -270,8 +265,6 @@ def test_scenario_05_stream_argument_errors(tmp_path: Path) -> None:
     assert_backing(p9["img-5"], p9["img-4"], "qcow2")
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: stream looks base-node and bottom up as a device too and "
-                   "says device='<name>'; QEMU's bdrv_lookup_bs(NULL, name) says device=''")
 def test_scenario_05_unknown_base_node_and_bottom(tmp_path: Path) -> None:
     """P9: an unknown `base-node` or `bottom` is looked up as a node name only
     (QEMU: bdrv_lookup_bs(NULL, name)), so the message has an empty device,
@@ -465,7 +458,6 @@ def test_scenario_09_intermediate_commit(tmp_path: Path) -> None:
     assert digest(c3["mid"]) == mid_before
 
 
-@pytest.mark.xfail(strict=True, reason=A9_BUG)
 def test_scenario_09_commit_given_by_file_names(tmp_path: Path) -> None:
     """Scenario 9 with top and base named by file (`top=mid.qcow2`,
     `base=base.raw`, relative to the directories of the images above them:

@@ -141,9 +141,7 @@ def _commit_top(graph: Any, root: Node, args: dict[str, Any]) -> Node:
     if "top" in args and "top-node" in args:
         raise JobError("'top-node' and 'top' are mutually exclusive")
     if "top-node" in args:
-        top = graph.find(args["top-node"])
-        if top is None:
-            raise JobError(f"Cannot find device='' nor node-name='{args['top-node']}'")
+        top = graph.find_node(args["top-node"])
         if top not in root.chain():
             raise JobError(f"'{args['top-node']}' is not in this backing file chain")
         return top
@@ -159,9 +157,7 @@ def _commit_base(graph: Any, top: Node, args: dict[str, Any]) -> Node:
     if "base" in args and "base-node" in args:
         raise JobError("'base-node' and 'base' are mutually exclusive")
     if "base-node" in args:
-        base = graph.find(args["base-node"])
-        if base is None:
-            raise JobError(f"Cannot find device='' nor node-name='{args['base-node']}'")
+        base = graph.find_node(args["base-node"])
         if base not in top.chain():
             raise JobError(f"'{args['base-node']}' is not in this backing file chain")
         return base

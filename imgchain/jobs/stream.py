@@ -120,15 +120,11 @@ def _stream_base(graph: Any, top: Node, device: str, args: dict[str, Any]) -> tu
         if base is None:
             raise JobError(f"Can't find '{args['base']}' in the backing chain")
     elif "base-node" in args:
-        base = graph.find(args["base-node"])
-        if base is None:
-            raise JobError(f"Cannot find device='{args['base-node']}' nor node-name='{args['base-node']}'")
+        base = graph.find_node(args["base-node"])
         if base not in chain[1:]:
             raise JobError(f"Node '{args['base-node']}' is not a backing image of '{device}'")
     elif "bottom" in args:
-        bottom = graph.find(args["bottom"])
-        if bottom is None:
-            raise JobError(f"Cannot find device='{args['bottom']}' nor node-name='{args['bottom']}'")
+        bottom = graph.find_node(args["bottom"])
         if bottom not in chain:
             raise JobError(f"Node '{args['bottom']}' is not in a chain starting from '{device}'")
         return bottom.backing_node, bottom
