@@ -11,7 +11,14 @@ again and streams base.raw into top.qcow2 (`imgchain stream`, a progress line
 on a terminal) while a writer thread keeps writing and verifying through the
 mount, shows the job in `imgchain jobs` and `imgchain mounts`, and checks the
 final chain (top.qcow2 alone) against the writer's model and with `qemu-img
-check`. Exits non-zero if any verification fails.
+check`. Last, with the chain mounted again and the writer writing, it takes a
+live snapshot (`imgchain snapshot top.qcow2 snap.qcow2`: the mount moves onto
+snap.qcow2, top.qcow2 becomes its read-only backing), lets the writer write
+into the overlay, and commits it back into top.qcow2 (`imgchain commit
+snap.qcow2`: an active commit that pivots the mount onto top.qcow2), showing
+`imgchain jobs` and `imgchain mounts` on the way; then the content is checked
+against the model and every image with `qemu-img check`. Exits non-zero if
+any verification fails.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import mmap
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +40,7 @@ from imgchain.create import create_image
 
 SIZE = 64 << 20
 MiB = 1 << 20
+JOB_TIMEOUT = 600
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -123,6 +132,7 @@ class Writer(threading.Thread):
         self.stop = threading.Event()
         self.writes = 0
         self.error: str | None = None
+        self.pause = 0.0  # seconds between two writes (0: as fast as it can)
 
     def run(self) -> None:
         rng = random.Random(99)
@@ -140,18 +150,28 @@ class Writer(threading.Thread):
                     self.error = f"read back at {off} differs from what was written"
                     return
                 self.writes += 1
+                if self.pause:
+                    time.sleep(self.pause)
         except OSError as exc:
             self.error = str(exc)
         finally:
             os.close(fd)
 
-    def finish(self) -> None:
+    def wait_writes(self, more: int) -> None:
+        """Until the writer has done `more` verified writes beyond now (or failed)."""
+        target = self.writes + more
+        while self.writes < target and self.is_alive():
+            time.sleep(0.01)
+        if self.error is not None:
+            raise SystemExit(f"demo: the writer failed: {self.error}")
+
+    def finish(self, during: str = "the stream") -> None:
         self.stop.set()
         self.join()
-        print(f"   writer: {self.writes} verified 4 KiB writes through the mount during the stream"
+        print(f"   writer: {self.writes} verified 4 KiB writes through the mount during {during}"
               f"{'' if self.error is None else ': ' + self.error}")
         if self.error is not None or not self.writes:
-            raise SystemExit("demo: the writer failed during the stream")
+            raise SystemExit(f"demo: the writer failed during {during}")
 
 
 def read_direct(path: str, size: int) -> bytes:
@@ -164,27 +184,37 @@ def read_direct(path: str, size: int) -> bytes:
         os.close(fd)
 
 
+def run_job(*argv: str) -> None:
+    """Run a job command (its progress line goes to the terminal) and show
+    `imgchain jobs` and `imgchain mounts` while the job runs."""
+    print(f"\n$ {' '.join(argv)}    (progress on a terminal; the writer keeps going)", flush=True)
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # stderr: the progress line
+    while job.poll() is None:
+        jobs = subprocess.run(["imgchain", "jobs", "--output", "json"], capture_output=True, text=True)
+        if jobs.returncode == 0 and json.loads(jobs.stdout):
+            break
+        time.sleep(0.05)
+    if job.poll() is None:
+        run("imgchain", "jobs")
+        run("imgchain", "mounts")
+    try:
+        out, _ = job.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        job.send_signal(signal.SIGINT)  # cancels the job in the daemon
+        job.communicate()
+        raise SystemExit(f"demo: '{' '.join(argv)}' did not end within {JOB_TIMEOUT} s") from None
+    print(out.rstrip(), flush=True)
+    if job.returncode != 0:
+        raise SystemExit(f"demo: '{' '.join(argv)}' exited {job.returncode}")
+
+
 def stream_while_writing(work: str, model: bytearray) -> None:
     print("\n== live stream: mount top.qcow2 again, pull base.raw into it while a writer writes and verifies")
     run("imgchain", "mount", "top.qcow2", "disk.img")
     try:
         writer = Writer("disk.img", model, 24 * MiB)
         writer.start()
-        argv = ["imgchain", "stream", "--speed", "8M", "--output", "json", "top.qcow2"]
-        print(f"\n$ {' '.join(argv)}    (progress on a terminal; the writer keeps going)", flush=True)
-        stream = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # stderr: the progress line
-        while stream.poll() is None:
-            jobs = subprocess.run(["imgchain", "jobs", "--output", "json"], capture_output=True, text=True)
-            if jobs.returncode == 0 and json.loads(jobs.stdout):
-                break
-            time.sleep(0.05)
-        if stream.poll() is None:
-            run("imgchain", "jobs")
-            run("imgchain", "mounts")
-        out, _ = stream.communicate()
-        print(out.rstrip(), flush=True)
-        if stream.returncode != 0:
-            raise SystemExit(f"demo: the stream exited {stream.returncode}")
+        run_job("imgchain", "stream", "--speed", "8M", "--output", "json", "top.qcow2")
         writer.finish()
         got = read_direct("disk.img", SIZE)
         ok = got == model
@@ -199,6 +229,62 @@ def stream_while_writing(work: str, model: bytearray) -> None:
         f.write(model)
     run("qemu-img", "compare", "top.qcow2", "model.raw")
     for image in ("top.qcow2", "mid.qcow2"):
+        run("imgchain", "check", image)
+        run("qemu-img", "check", image)
+
+
+def mounted_image(disk: str) -> str:
+    proc = subprocess.run(["imgchain", "mounts", "--output", "json"], capture_output=True, text=True, check=True)
+    for doc in json.loads(proc.stdout):
+        if doc["mountpoint"] == os.path.abspath(disk):
+            return os.path.basename(doc["image"])
+    raise SystemExit(f"demo: {disk} is not in `imgchain mounts`")
+
+
+def expect_mounted(disk: str, image: str) -> None:
+    now = mounted_image(disk)
+    print(f"   {disk} is mounted on {now}: {'OK' if now == image else 'expected ' + image}")
+    if now != image:
+        raise SystemExit(f"demo: the mount is on {now}, not on {image}")
+
+
+def snapshot_and_commit_while_writing(work: str, model: bytearray) -> None:
+    print("\n== live snapshot and active commit: mount top.qcow2, snapshot it while a writer writes,"
+          "\n   then commit the snapshot back into top.qcow2 and pivot the mount onto it")
+    run("imgchain", "mount", "top.qcow2", "disk.img")
+    try:
+        writer = Writer("disk.img", model, 24 * MiB)
+        writer.start()
+        writer.wait_writes(100)
+        run("imgchain", "snapshot", "top.qcow2", "snap.qcow2")
+        expect_mounted("disk.img", "snap.qcow2")
+        run("imgchain", "mounts")
+        run("qemu-img", "info", "-U", "snap.qcow2")
+        writer.wait_writes(2000)  # these land in snap.qcow2
+        # A rate-limited active commit must copy faster than the guest dirties
+        # the image to become ready (QEMU's mirror too): the writer slows down
+        # to about 100 writes a second (at most 6.4 MiB of 64 KiB clusters).
+        print("   (the writer goes on at about 100 writes a second during the rate-limited commit)")
+        writer.pause = 0.01
+        run_job("imgchain", "commit", "--speed", "16M", "--output", "json", "snap.qcow2")
+        writer.pause = 0.0
+        expect_mounted("disk.img", "top.qcow2")
+        run("imgchain", "mounts")
+        writer.wait_writes(100)  # and these in top.qcow2 again
+        writer.finish("the snapshot and the commit")
+        got = read_direct("disk.img", SIZE)
+        ok = got == model
+        print(f"   mounted file sha256 {digest(got)}, model {digest(model)}: {'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            raise SystemExit("demo: the mounted file differs from the model after the commit")
+    finally:
+        run("imgchain", "unmount", "disk.img")
+    run("imgchain", "info", "--backing-chain", "top.qcow2")
+    verify(work, model, "content after the snapshot and the active commit")
+    with open("model.raw", "wb") as f:
+        f.write(model)
+    run("qemu-img", "compare", "top.qcow2", "model.raw")
+    for image in ("top.qcow2", "mid.qcow2", "snap.qcow2"):
         run("imgchain", "check", image)
         run("qemu-img", "check", image)
 
@@ -227,6 +313,7 @@ def main() -> None:
     run("qemu-img", "compare", "top.qcow2", "model.raw")
     run("qemu-img", "check", "top.qcow2")
     stream_while_writing(work, model)
+    snapshot_and_commit_while_writing(work, model)
     print("\ndemo: all verifications passed")
 
 

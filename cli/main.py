@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import images  # noqa: F401  (registers create, info, check, map, compare, rebase)
 from . import jobs  # noqa: F401  (registers stream, commit, jobs, job)
 from . import mount  # noqa: F401  (registers mount, unmount, mounts)
+from . import snapshot  # noqa: F401  (registers snapshot)
 from .common import main
 
 __all__ = ["main"]

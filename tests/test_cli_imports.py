@@ -1,4 +1,4 @@
-"""The command line's modules import one way: main -> images, mount -> common."""
+"""The command line's modules import one way: main -> images, mount, jobs -> common; snapshot -> jobs."""
 
 from __future__ import annotations
 
@@ -18,9 +18,14 @@ def sibling_imports(path: Path) -> set[str]:
 
 
 def test_command_modules_do_not_import_main() -> None:
-    for name in ("images.py", "mount.py", "common.py"):
+    for name in ("images.py", "mount.py", "snapshot.py", "common.py"):
         assert "main" not in sibling_imports(CLI / name), name
 
 
 def test_common_imports_no_command_module() -> None:
     assert not sibling_imports(CLI / "common.py")
+
+
+def test_jobs_does_not_import_snapshot() -> None:
+    """cli/snapshot.py uses cli/jobs.py's mount lookup; never the other way round."""
+    assert "snapshot" not in sibling_imports(CLI / "jobs.py")
