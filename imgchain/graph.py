@@ -28,7 +28,7 @@ import os
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Protocol
 
-from .chain import resolve_backing_name
+from .chain import reopen_node, resolve_backing_name
 from .errors import ImgchainError
 from .node import Child, Node, attach_backing, detach_backing
 
@@ -225,6 +225,22 @@ class BlockGraph:
                     backend.replace_root(new)
         self.changed()
         return overlays
+
+    def reopen(self, node: Node, writable: bool) -> None:
+        """QEMU's bdrv_reopen of a node in place, the caller having drained:
+        devices forget the old file descriptor."""
+        reopen_node(node, writable)
+        for backend in self.backends:
+            backend.reopened()
+
+    async def reopen_drained(self, node: Node, writable: bool) -> bool:
+        """Reopen `node` read-write or read-only unless it already is, in a
+        drain of its own; True if it changed."""
+        if node.writable == writable:
+            return False
+        async with self.drained():
+            self.reopen(node, writable)
+        return True
 
     # -- drain ----------------------------------------------------------------
 

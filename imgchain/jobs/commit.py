@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from imgchain.chain import backing_name_for, reopen_node
+from imgchain.chain import backing_name_for
 from imgchain.errors import ImgchainError
 from imgchain.graph import GraphError
 from imgchain.node import Node
@@ -99,17 +99,16 @@ class CommitJob(CopyJob):
         """Name base in the overlay's header (reopened read-write for it if need be)."""
         name = self.backing_file or backing_name_for(overlay, self.base)
         reopen = not overlay.writable
+        graph = self.manager.graph
         try:
             if reopen:
-                reopen_node(overlay, True)
+                graph.reopen(overlay, True)
             overlay.driver.change_backing_file(name, self.base.format_name)
         except ImgchainError as exc:
             raise JobError(f"Could not update backing file link: {exc}") from None
         finally:
             if reopen:
-                reopen_node(overlay, False)
-            for backend in self.manager.graph.backends:
-                backend.reopened()
+                graph.reopen(overlay, False)
 
     async def abort(self) -> None:
         self.manager.graph.unfreeze(self.frozen)
@@ -119,10 +118,7 @@ class CommitJob(CopyJob):
     async def clean(self) -> None:
         graph = self.manager.graph
         if self.base_was_read_only and graph.nodes.get(self.base.node_name) is self.base:
-            async with graph.drained():
-                reopen_node(self.base, False)
-                for backend in graph.backends:
-                    backend.reopened()
+            await graph.reopen_drained(self.base, False)
 
 
 def _root_of(manager: JobManager, device: str) -> Node:
@@ -201,12 +197,7 @@ async def create_commit(manager: JobManager, args: dict[str, Any]) -> "CommitJob
     job = CommitJob(manager, root, top, base, args.get("backing-file"), **options)
     job.frozen = graph.freeze(top, base)
     try:
-        if not base.writable:
-            async with graph.drained():
-                reopen_node(base, True)
-                for backend in graph.backends:
-                    backend.reopened()
-            job.base_was_read_only = True
+        job.base_was_read_only = await graph.reopen_drained(base, True)
     except BaseException:
         graph.unfreeze(job.frozen)
         raise

@@ -190,21 +190,16 @@ class ActiveCommitJob(Job):
         self.base.flush()
 
     async def clean(self) -> None:
-        from imgchain.chain import reopen_node
         graph = self.manager.graph
-        is_root = any(b.root is self.base for b in graph.backends)
+        is_root = graph.backend_of(self.base) is not None
         if self.base_was_read_only and not is_root and graph.nodes.get(self.base.node_name) is self.base:
-            async with graph.drained():
-                reopen_node(self.base, False)
-                for backend in graph.backends:
-                    backend.reopened()
+            await graph.reopen_drained(self.base, False)
 
 
 async def create_active_commit(manager: JobManager, root: Node, base: Node, args: dict[str, Any],
                                walk: list[Node]) -> ActiveCommitJob:
     """block-commit whose top is the device's root (checked by create_commit):
     freeze the chain down to base, reopen base read-write, block the nodes."""
-    from imgchain.chain import reopen_node
     from .commit import REASON
     graph = manager.graph
     backend = graph.backend_of(root)
@@ -218,12 +213,7 @@ async def create_active_commit(manager: JobManager, root: Node, base: Node, args
     job = ActiveCommitJob(manager, backend, root, base, **options)
     job.frozen = graph.freeze(root, base)
     try:
-        if not base.writable:
-            async with graph.drained():
-                reopen_node(base, True)
-                for b in graph.backends:
-                    b.reopened()
-            job.base_was_read_only = True
+        job.base_was_read_only = await graph.reopen_drained(base, True)
     except BaseException:
         graph.unfreeze(job.frozen)
         raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from imgchain.chain import _unique, node_name_for, open_image, reopen_node, resolve_backing_name
+from imgchain.chain import _unique, node_name_for, open_image, resolve_backing_name
 from imgchain.create import create_qcow2
 from imgchain.graph import BlockGraph
 from imgchain.node import Node, attach_backing
@@ -84,7 +84,7 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
             backend = graph.backend_of(root)
             if backend is None or root.blockers:  # changed while draining
                 raise JobError(f"Node '{root.node_name}' changed while the snapshot waited; nothing was done")
-            reopen_node(root, False)
+            graph.reopen(root, False)
             with graph.lock.write():
                 attach_backing(overlay, root)
                 graph.nodes[overlay.node_name] = overlay

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgchain.chain import backing_name_for, reopen_node
+from imgchain.chain import backing_name_for
 from imgchain.graph import GraphError
 from imgchain.node import Node
 
@@ -102,10 +102,7 @@ class StreamJob(CopyJob):
     async def clean(self) -> None:
         graph = self.manager.graph
         if self.was_read_only and graph.nodes.get(self.top.node_name) is self.top:
-            async with graph.drained():
-                reopen_node(self.top, False)
-                for backend in graph.backends:
-                    backend.reopened()
+            await graph.reopen_drained(self.top, False)
 
 
 def _stream_base(graph: Any, top: Node, device: str, args: dict[str, Any]) -> tuple[Node | None, Node]:
@@ -148,12 +145,7 @@ async def create_stream(manager: JobManager, args: dict[str, Any]) -> StreamJob:
     job = StreamJob(manager, top, base, above_base, args.get("backing-file"), **options)
     job.frozen = graph.freeze(top, above_base) if top is not above_base else []
     try:
-        if not top.writable:
-            async with graph.drained():
-                reopen_node(top, True)
-                for backend in graph.backends:
-                    backend.reopened()
-            job.was_read_only = True
+        job.was_read_only = await graph.reopen_drained(top, True)
     except BaseException:
         graph.unfreeze(job.frozen)
         raise
