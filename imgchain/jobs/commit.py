@@ -49,8 +49,6 @@ class CommitJob(CopyJob):
         self.top = top
         self.base = base
         self.backing_file = backing_file
-        self.frozen: list = []
-        self.base_was_read_only = False
 
     # -- the copy ---------------------------------------------------------------
 
@@ -83,8 +81,7 @@ class CommitJob(CopyJob):
         graph = self.manager.graph
         await sync_outside_drain(self.base)
         async with graph.drained():
-            graph.unfreeze(self.frozen)
-            self.frozen = []
+            self.thaw()
             if self.base not in self.top.chain():
                 raise JobError(f"'{self.base.node_name}' is no longer below '{self.top.node_name}'")
             self.base.flush()
@@ -111,14 +108,8 @@ class CommitJob(CopyJob):
                 graph.reopen(overlay, False)
 
     async def abort(self) -> None:
-        self.manager.graph.unfreeze(self.frozen)
-        self.frozen = []
+        self.thaw()
         self.base.flush()
-
-    async def clean(self) -> None:
-        graph = self.manager.graph
-        if self.base_was_read_only and graph.nodes.get(self.base.node_name) is self.base:
-            await graph.reopen_drained(self.base, False)
 
 
 def _root_of(manager: JobManager, device: str) -> Node:
@@ -195,12 +186,5 @@ async def create_commit(manager: JobManager, args: dict[str, Any]) -> "CommitJob
                        f"'{top.filename}' ({top.size} bytes)")
     options = manager.job_options(args, device)
     job = CommitJob(manager, root, top, base, args.get("backing-file"), **options)
-    job.frozen = graph.freeze(top, base)
-    try:
-        job.base_was_read_only = await graph.reopen_drained(base, True)
-    except BaseException:
-        graph.unfreeze(job.frozen)
-        raise
-    job.nodes = [root, *chain[:chain.index(base) + 1]]
-    graph.block(job, job.nodes, REASON)
-    return manager.start(job)
+    nodes = [root, *chain[:chain.index(base) + 1]]
+    return await manager.launch(job, graph.freeze(top, base), base, nodes, REASON)  # type: ignore[return-value]

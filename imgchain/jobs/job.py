@@ -124,6 +124,9 @@ class Job:
         self.length = 0
         self.error: str | None = None
         self.nodes: list["Node"] = []  # nodes the job uses (kept open, blocked)
+        self.frozen: list = []  # links it froze: thawed before its graph change, or on abort
+        self.target: "Node | None" = None  # the node it writes into
+        self.target_was_read_only = False  # reopened read-write for the job: read-only again at the end
         self.stage = "read"  # the I/O a chunk is doing, for BLOCK_JOB_ERROR's operation
         self._kick = trio.Event()
         self._not_busy = trio.Event()
@@ -363,9 +366,20 @@ class Job:
 
     async def abort(self) -> None:
         """Undo what can be undone after a failure or cancel."""
+        self.thaw()
 
     async def clean(self) -> None:
-        """Release what the job holds, success or not."""
+        """Release what the job holds, success or not: the target is made
+        read-only again if the job made it writable and it is a backing still."""
+        graph, target = self.manager.graph, self.target
+        if (target is not None and self.target_was_read_only and graph.nodes.get(target.node_name) is target
+                and graph.backend_of(target) is None):
+            await graph.reopen_drained(target, False)
+
+    def thaw(self) -> None:
+        """Unfreeze the links the job froze (once)."""
+        self.manager.graph.unfreeze(self.frozen)
+        self.frozen = []
 
     # -- queries ----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -19,6 +19,9 @@ from imgchain.blkdebug import BlkDebug
 from imgchain.graph import BlockGraph
 
 from .job import ON_ERROR, Job, JobError
+
+if TYPE_CHECKING:
+    from imgchain.node import Node
 
 Listener = Callable[[str, dict[str, Any]], None]
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
@@ -55,6 +58,19 @@ class JobManager:
         else:
             self._nursery.start_soon(job.lifecycle)
         return job
+
+    async def launch(self, job: Job, frozen: list, target: "Node", nodes: list["Node"], reason: str) -> Job:
+        """Start a job that has frozen the links `frozen`: its target made
+        writable (drained), `nodes` blocked with `reason`; on failure nothing
+        stays frozen."""
+        try:
+            job.target_was_read_only = await self.graph.reopen_drained(target, True)
+        except BaseException:
+            self.graph.unfreeze(frozen)
+            raise
+        job.frozen, job.target, job.nodes = frozen, target, nodes
+        self.graph.block(job, nodes, reason)
+        return self.start(job)
 
     def detach(self, job: Job) -> None:
         """The job no longer uses its nodes: unblock them and close what

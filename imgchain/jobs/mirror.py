@@ -80,8 +80,6 @@ class ActiveCommitJob(Job):
         self.dirty = DirtyBitmap(top.size, max(GRANULE, base.driver.cluster_size or 0))
         self.should_complete = False
         self.soft_cancelled = False
-        self.frozen: list = []
-        self.base_was_read_only = False
 
     # -- verbs ----------------------------------------------------------------
 
@@ -171,8 +169,7 @@ class ActiveCommitJob(Job):
                 await self._copy(offset, min(count * self.dirty.granule, self.top.size - offset))
             self.base.flush()
             self._stop_tracking()
-            graph.unfreeze(self.frozen)
-            self.frozen = []
+            self.thaw()
             if self.should_complete and not self.soft_cancelled:
                 try:
                     graph.replace_node(self.top, self.base)
@@ -185,15 +182,8 @@ class ActiveCommitJob(Job):
 
     async def abort(self) -> None:
         self._stop_tracking()
-        self.manager.graph.unfreeze(self.frozen)
-        self.frozen = []
+        self.thaw()
         self.base.flush()
-
-    async def clean(self) -> None:
-        graph = self.manager.graph
-        is_root = graph.backend_of(self.base) is not None
-        if self.base_was_read_only and not is_root and graph.nodes.get(self.base.node_name) is self.base:
-            await graph.reopen_drained(self.base, False)
 
 
 async def create_active_commit(manager: JobManager, root: Node, base: Node, args: dict[str, Any],
@@ -211,12 +201,4 @@ async def create_active_commit(manager: JobManager, root: Node, base: Node, args
                        f"'{root.filename}' ({root.size} bytes)")
     options = manager.job_options(args, args["device"])
     job = ActiveCommitJob(manager, backend, root, base, **options)
-    job.frozen = graph.freeze(root, base)
-    try:
-        job.base_was_read_only = await graph.reopen_drained(base, True)
-    except BaseException:
-        graph.unfreeze(job.frozen)
-        raise
-    job.nodes = walk
-    graph.block(job, walk, REASON)
-    return manager.start(job)
+    return await manager.launch(job, graph.freeze(root, base), base, walk, REASON)  # type: ignore[return-value]

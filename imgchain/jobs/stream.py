@@ -42,8 +42,6 @@ class StreamJob(CopyJob):
         self.base = base
         self.above_base = above_base
         self.backing_file = backing_file
-        self.frozen: list = []
-        self.was_read_only = False
 
     # -- the copy -------------------------------------------------------------------
 
@@ -81,8 +79,7 @@ class StreamJob(CopyJob):
         graph = self.manager.graph
         await sync_outside_drain(self.top)
         async with graph.drained():
-            graph.unfreeze(self.frozen)
-            self.frozen = []
+            self.thaw()
             if self.top.backing is None:
                 return
             new_base = self.above_base.backing_node if self.base is not None else None
@@ -95,14 +92,6 @@ class StreamJob(CopyJob):
             name = self.backing_file or (backing_name_for(self.top, new_base) if new_base is not None else None)
             self.top.driver.change_backing_file(name, new_base.format_name if new_base else None)
 
-    async def abort(self) -> None:
-        self.manager.graph.unfreeze(self.frozen)
-        self.frozen = []
-
-    async def clean(self) -> None:
-        graph = self.manager.graph
-        if self.was_read_only and graph.nodes.get(self.top.node_name) is self.top:
-            await graph.reopen_drained(self.top, False)
 
 
 def _stream_base(graph: Any, top: Node, device: str, args: dict[str, Any]) -> tuple[Node | None, Node]:
@@ -143,12 +132,5 @@ async def create_stream(manager: JobManager, args: dict[str, Any]) -> StreamJob:
     graph.check_not_busy(walk)
     options = manager.job_options(args, device)
     job = StreamJob(manager, top, base, above_base, args.get("backing-file"), **options)
-    job.frozen = graph.freeze(top, above_base) if top is not above_base else []
-    try:
-        job.was_read_only = await graph.reopen_drained(top, True)
-    except BaseException:
-        graph.unfreeze(job.frozen)
-        raise
-    job.nodes = walk
-    graph.block(job, walk, REASON)
-    return manager.start(job)
+    frozen = graph.freeze(top, above_base) if top is not above_base else []
+    return await manager.launch(job, frozen, top, walk, REASON)  # type: ignore[return-value]
