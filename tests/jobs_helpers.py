@@ -332,12 +332,32 @@ class VerifyingWriter(threading.Thread):
         self.writes = 0
         self.reads = 0
         self.touched: list[tuple[int, int]] = []
+        self._stepping = threading.Lock()  # held for one write and its checks
+        self._resumed = threading.Event()
+        self._resumed.set()
+
+    def pause(self) -> None:
+        """Stop writing (returns once no write is under way)."""
+        self._resumed.clear()
+        with self._stepping:
+            pass
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    def snapshot(self) -> bytes:
+        """The model now (pause first for a stable one)."""
+        return bytes(self.model)
 
     def run(self) -> None:
         fd = os.open(self.disk, os.O_RDWR)
         try:
             while not self.stop_event.is_set() and len(self.errors) < 5:
-                self._step(fd)
+                if not self._resumed.wait(0.05):
+                    continue
+                with self._stepping:
+                    if self._resumed.is_set():
+                        self._step(fd)
         except OSError as exc:
             self.errors.append(f"I/O error on the mount: {exc}")
         finally:
