@@ -584,7 +584,8 @@ _verb("dismiss", "job-dismiss", "Dismiss concluded job ID (auto-dismiss off): it
 
 
 @job_group.command("cancel")
-@click.option("--force", is_flag=True, help="Cancel even a paused job; a ready job does not pivot.")
+@click.option("--force", is_flag=True, help="Cancel even a paused job; a READY active commit ends CANCELLED "
+                                           "(without --force it completes with base in sync, no pivot).")
 @mount_option
 @click.argument("job_id", metavar="ID")
 @user_errors()

@@ -40,6 +40,7 @@ from .options import MountOptions
 
 log = logging.getLogger("imgchain.fuse")
 MAX_BACKGROUND = 64
+STOP_JOBS_SECONDS = 10  # how long an unmount waits for cancelled jobs to end
 FUSECTL = "/sys/fs/fuse/connections"
 
 
@@ -132,7 +133,8 @@ async def _stop_on(daemon: Daemon) -> None:
 async def _terminate_when_asked(daemon: Daemon) -> None:
     await daemon.quit_requested.wait()
     daemon.stop_jobs()
-    await trio.sleep(0)  # cancelled jobs reach their pause points and abort
+    with trio.move_on_after(STOP_JOBS_SECONDS):  # cancelled jobs abort: chains as they were
+        await daemon.jobs.wait_all_done()
     pyfuse3.terminate()
 
 

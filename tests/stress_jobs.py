@@ -16,7 +16,7 @@ graph is the chain the headers describe, and every image passes
     .venv/bin/python -m tests.stress_jobs --rounds 200 [--seed N]
 
 Prints one line per round and exits 1 at the first failing round (its seed
-reproduces it). `make test` runs 3 rounds (tests/test_stress_jobs.py).
+reproduces it). `make test` runs 4 rounds (tests/test_stress_jobs.py).
 """
 
 from __future__ import annotations

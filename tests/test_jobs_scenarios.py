@@ -704,10 +704,11 @@ def test_scenario_24_job_bookkeeping(tmp_path: Path) -> None:
             assert await qmp.error(command, **{arg: "j0"}) == \
                 f"Job 'j0' in state 'running' cannot accept command verb '{verb}'", command
         for command, arg in (("block-job-pause", "device"), ("block-job-cancel", "device"),
-                             ("block-job-set-speed", "device"), ("job-pause", "id")):
+                             ("block-job-set-speed", "device")):
             extra = {"speed": 0} if command == "block-job-set-speed" else {}
             assert await qmp.failure(command, **{arg: "nope"}, **extra) == \
                 ("DeviceNotActive", "Block job 'nope' not found"), command
+        assert await qmp.failure("job-pause", id="nope") == ("GenericError", "Job not found")  # job-qmp.c
         await qmp.cmd("block-job-set-speed", device="j0", speed=0)
         name, data = await qmp.wait_job_end("j0", since)
         assert name == "BLOCK_JOB_COMPLETED" and "error" not in data

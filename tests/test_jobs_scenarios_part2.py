@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .conftest import assert_qemu_clean, qemu_io
 from .jobs_helpers import KiB, Qmp, VerifyingWriter, assert_backing, make_c3, make_p9
 from .test_jobs_scenarios import run_mounted, run_mounted_on
@@ -130,3 +132,29 @@ def test_scenario_19_active_commit_blocks_a_stream(tmp_path: Path) -> None:
     assert_qemu_clean(*p9.values())
     assert p9["img-3"].read_bytes()[:512] == img3_header  # the pivot rewrites no header
     assert not (tmp_path / "snap.qcow2").exists()  # the refused snapshot created nothing
+
+
+def test_a_snapshot_of_a_read_only_mount_is_read_only(tmp_path: Path) -> None:
+    """QEMU gives the new overlay the old node's read-only flag: a read-only
+    mount stays read-only (the new file is opened as a reader)."""
+    import asyncio
+
+    from .jobs_helpers import qmp_session
+    from .mounting import mount
+
+    c3 = make_c3(tmp_path)
+    disk = tmp_path / "disk.img"
+
+    async def body() -> None:
+        async with qmp_session(disk) as qmp:
+            await qmp.cmd("blockdev-snapshot-sync", device="drive0",
+                          **{"snapshot-file": str(tmp_path / "ro.qcow2")})
+            inserted = (await qmp.cmd("query-block"))[0]["inserted"]
+            assert inserted["node-name"] == "ro" and inserted["ro"] is True
+
+    with mount(c3["top"], disk, "--read-only"):
+        asyncio.run(body())
+        with pytest.raises(OSError):  # the export still refuses writes
+            with open(disk, "r+b") as f:
+                f.write(b"x")
+    assert_qemu_clean(tmp_path / "ro.qcow2", *c3.values())

@@ -55,8 +55,10 @@ def job_commands(manager: JobManager) -> list[Command]:
 
     def verb(name: str, arg: str, call: Callable[..., None],
              extra: dict[str, tuple[str, bool]] | None = None) -> Command:
+        find = manager.get_job if name.startswith("job-") else manager.get
+
         async def handler(args: dict[str, Any]) -> dict[str, Any]:
-            job = manager.get(args[arg])
+            job = find(args[arg])
             call(job, args)
             return {}
         return Command(name, _qmp_errors(handler), {arg: ("str", True), **(extra or {})})

@@ -265,7 +265,7 @@ class Job:
         self.check_verb("cancel")
         if self.finishing:
             return  # as QEMU ignores a cancel once the job has left its run loop and completes
-        if self.user_paused and not force and self.status in ("paused", "standby"):
+        if self.user_paused and not force:
             raise JobError(f"The block job for device '{self.id}' is currently paused")
         self.cancelled = True
         if self.user_paused:

@@ -109,10 +109,23 @@ class JobManager:
                 "auto_dismiss": args.get("auto-dismiss", True)}
 
     def get(self, job_id: str) -> Job:
+        """A job by id for the block-job-* verbs."""
         job = self.jobs.get(job_id)
         if job is None:
             raise JobError(f"Block job '{job_id}' not found", "DeviceNotActive")
         return job
+
+    def get_job(self, job_id: str) -> Job:
+        """A job by id for the generic job-* verbs (QEMU's job-qmp.c)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobError("Job not found")
+        return job
+
+    async def wait_all_done(self) -> None:
+        """Until every job has concluded (after cancel_all, at unmount)."""
+        for job in list(self.jobs.values()):
+            await job.done.wait()
 
     def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.status != "concluded"]

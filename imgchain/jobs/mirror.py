@@ -86,7 +86,7 @@ class ActiveCommitJob(Job):
     def cancel(self, force: bool = False) -> None:
         if self.status in ("ready", "standby") and not force and not self.finishing:
             self.check_verb("cancel")
-            if self.user_paused and self.status == "standby":
+            if self.user_paused:
                 raise JobError(f"The block job for device '{self.id}' is currently paused")
             self.soft_cancelled = True
             self.kick()

@@ -73,8 +73,9 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
         raise JobError(f"Duplicate nodes with node-name='{name}'")
     created = args.get("mode", "absolute-paths") == "absolute-paths"
     _prepare_overlay(root, path, args.get("mode", "absolute-paths"))
+    writable = root.writable  # a read-only device gets a read-only overlay, as in QEMU
     try:
-        overlay = open_image(path, True, "qcow2", name or _unique(node_name_for(path), set(graph.nodes)))
+        overlay = open_image(path, writable, "qcow2", name or _unique(node_name_for(path), set(graph.nodes)))
     except BaseException:
         if created:
             os.unlink(path)
@@ -84,7 +85,8 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
             backend = graph.backend_of(root)
             if backend is None or root.blockers:  # changed while draining
                 raise JobError(f"Node '{root.node_name}' changed while the snapshot waited; nothing was done")
-            graph.reopen(root, False)
+            if root.writable:
+                graph.reopen(root, False)
             with graph.lock.write():
                 attach_backing(overlay, root)
                 graph.nodes[overlay.node_name] = overlay
