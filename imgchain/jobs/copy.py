@@ -83,9 +83,12 @@ def is_zero(data: bytes | bytearray) -> bool:
 
 
 async def sync_outside_drain(node: "Node") -> None:
-    """Write back and fdatasync what a job wrote into `node`, in a worker
-    thread, before its graph change drains: the drain then holds guest I/O
-    only for the few writes since (not for the page cache of the whole job)."""
+    """Make what a job wrote into `node` durable before its graph change
+    drains, with the long fdatasync in a worker thread: the data first (the
+    loop keeps serving guest I/O meanwhile), then the metadata write-back,
+    whose ordering barrier then finds little left to sync, then once more.
+    The drain after it holds guest I/O only for the few writes since."""
+    await trio.to_thread.run_sync(node.sync_file)
     node.write_back()
     await trio.to_thread.run_sync(node.sync_file)
 

@@ -121,9 +121,9 @@ class ActiveCommitJob(Job):
             if not self.dirty.count:
                 if self.status == "running":
                     await sync_outside_drain(self.base)
-                    if self.dirty.count or self.cancelled:
-                        continue  # written meanwhile: copy that first
-                    self.transition("ready")
+                    if self.cancelled:
+                        continue
+                    self.transition("ready")  # as QEMU: in sync once, whatever arrived during the flush
                     self.manager.emit("BLOCK_JOB_READY", self._event_data())
                 if self.should_complete or self.soft_cancelled:
                     return
@@ -133,18 +133,23 @@ class ActiveCommitJob(Job):
             copied = await self._copy_dirty_run()
 
     async def _copy_dirty_run(self) -> int:
-        run = self.dirty.take_run(CHUNK // self.dirty.granule)
-        if run is None:
-            return 0
-        first, count = run
-        offset = first * self.dirty.granule
-        length = min(count * self.dirty.granule, self.top.size - offset)
-        ok, _ = await self.retrying(lambda: self._copy(offset, length))
-        if not ok:
-            self.dirty.mark(offset, length)  # retried on the next pass ("ignore" means retry here)
-            return 0
-        self.offset += length
-        return length
+        """Copy dirty runs, contiguous or not, up to a chunk's worth (random
+        guest writes dirty single granules: one run per step would fall behind)."""
+        copied = 0
+        while copied < CHUNK:
+            run = self.dirty.take_run((CHUNK - copied) // self.dirty.granule or 1)
+            if run is None:
+                break
+            first, count = run
+            offset = first * self.dirty.granule
+            length = min(count * self.dirty.granule, self.top.size - offset)
+            ok, _ = await self.retrying(lambda: self._copy(offset, length))
+            if not ok:
+                self.dirty.mark(offset, length)  # retried on the next pass ("ignore" means retry here)
+                break
+            self.offset += length
+            copied += length
+        return copied
 
     async def _copy(self, offset: int, length: int) -> None:
         self.stage = "read"
@@ -162,6 +167,7 @@ class ActiveCommitJob(Job):
     async def prepare(self) -> None:
         graph = self.manager.graph
         await sync_outside_drain(self.base)
+        await sync_outside_drain(self.top)  # the old top is closed after the pivot: little left to sync then
         async with graph.drained():
             while self.dirty.count:  # nothing new arrives while drained
                 first, count = self.dirty.take_run(CHUNK // self.dirty.granule)  # type: ignore[misc]
