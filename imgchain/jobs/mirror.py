@@ -30,6 +30,7 @@ from .job import Job, JobError
 from .manager import JobManager
 
 GRANULE = 64 * 1024
+PIVOT_BACKLOG = 4 << 20  # dirty bytes left for the pivot to copy while guest I/O waits
 
 
 class DirtyBitmap:
@@ -118,6 +119,9 @@ class ActiveCommitJob(Job):
             await self.throttle(copied)
             if self.cancelled:
                 return
+            finishing = self.should_complete or self.soft_cancelled
+            if finishing and self.status == "ready" and self.dirty.count * self.dirty.granule <= PIVOT_BACKLOG:
+                return  # prepare copies the rest with guest I/O held: a short hold, however busy the guest
             if not self.dirty.count:
                 if self.status == "running":
                     await sync_outside_drain(self.base)
