@@ -296,14 +296,14 @@ class BlockGraph:
         return keep
 
     def collect(self) -> list[Node]:
-        """Close the nodes nothing uses any more (their files stay as they
-        are); returns them. Called after a job's graph change and clean."""
+        """Take the nodes nothing uses any more out of the graph and return
+        them; the caller closes them (their files stay as they are). Called
+        after a job's graph change and clean."""
         keep = self.referenced()
         dropped = [n for n in self.nodes.values() if n not in keep]
         for node in dropped:
             del self.nodes[node.node_name]
             detach_backing(node)
-            node.close()
         if dropped:
             self.changed()
         return dropped

@@ -346,7 +346,7 @@ class Job:
         try:
             await self.clean()
         finally:
-            self.manager.detach(self)
+            await self.manager.detach(self)
 
     def _conclude_to_null(self) -> None:
         self.transition("null")

@@ -27,6 +27,11 @@ Listener = Callable[[str, dict[str, Any]], None]
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
+def _close_all(nodes: list["Node"]) -> None:
+    for node in nodes:
+        node.close()
+
+
 class JobManager:
     def __init__(self, graph: BlockGraph, debug: BlkDebug | None = None) -> None:
         self.graph = graph
@@ -72,13 +77,17 @@ class JobManager:
         self.graph.block(job, nodes, reason)
         return self.start(job)
 
-    def detach(self, job: Job) -> None:
+    async def detach(self, job: Job) -> None:
         """The job no longer uses its nodes: unblock them and close what
-        nothing uses any more."""
+        nothing uses any more, in a worker thread (a dropped active node's
+        last flush must not hold the loop; nothing else can reach it now)."""
         if job in self.graph.jobs:
             self.graph.jobs.remove(job)
         self.graph.unblock(job, job.nodes)
-        self.graph.collect()
+        dropped = self.graph.collect()
+        if dropped:
+            with trio.CancelScope(shield=True):  # a node out of the graph is closed whatever happens
+                await trio.to_thread.run_sync(_close_all, dropped)
 
     def forget(self, job: Job) -> None:
         """Dismissed (status null): the id is free again."""

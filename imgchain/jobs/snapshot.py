@@ -21,6 +21,7 @@ from imgchain.create import create_qcow2
 from imgchain.graph import BlockGraph
 from imgchain.node import Node, attach_backing
 
+from .copy import sync_outside_drain
 from .job import JobError
 
 
@@ -81,6 +82,8 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
             os.unlink(path)
         raise
     try:
+        if root.writable:
+            await sync_outside_drain(root)  # its reopen read-only then syncs little while guest I/O waits
         async with graph.drained():
             backend = graph.backend_of(root)
             if backend is None or root.blockers:  # changed while draining
