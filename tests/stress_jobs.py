@@ -45,7 +45,8 @@ from imgchain.jobs.stream import create_stream
 MIB = 1 << 20
 REFUSALS = ("is busy", "Cannot change", "not a backing image", "cannot commit an image into itself",
             "is not in this backing file chain", "not in a chain starting from", "already in use",
-            "is no longer below", "Cannot find", "not supported", "cannot grow", "Could not create")
+            "is no longer below", "Cannot find", "not supported", "cannot grow", "Could not create",
+            "changed while the snapshot waited")
 
 
 def sh(*args: str | Path) -> None:

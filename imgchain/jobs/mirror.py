@@ -30,7 +30,7 @@ from .job import Job, JobError
 from .manager import JobManager
 
 GRANULE = 64 * 1024
-PIVOT_BACKLOG = 4 << 20  # dirty bytes left for the pivot to copy while guest I/O waits
+PIVOT_BACKLOG = 1 << 20  # dirty bytes left for the pivot to copy while guest I/O waits
 
 
 class DirtyBitmap:
@@ -170,13 +170,14 @@ class ActiveCommitJob(Job):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
-        await sync_outside_drain(self.base)
         await sync_outside_drain(self.top)  # the old top is closed after the pivot: little left to sync then
+        for _ in range(3):  # converge outside the drain: what came during the syncs is copied first
+            await self._copy_dirty_down_to(PIVOT_BACKLOG)
+            await sync_outside_drain(self.base)
+            if self.dirty.count * self.dirty.granule <= PIVOT_BACKLOG:
+                break
         async with graph.drained():
-            while self.dirty.count:  # nothing new arrives while drained
-                first, count = self.dirty.take_run(CHUNK // self.dirty.granule)  # type: ignore[misc]
-                offset = first * self.dirty.granule
-                await self._copy(offset, min(count * self.dirty.granule, self.top.size - offset))
+            await self._copy_dirty_down_to(0)  # nothing new arrives while drained
             self.base.flush()
             self._stop_tracking()
             self.thaw()
@@ -185,6 +186,13 @@ class ActiveCommitJob(Job):
                     graph.replace_node(self.top, self.base)
                 except GraphError as exc:
                     raise JobError(str(exc)) from None
+
+    async def _copy_dirty_down_to(self, limit: int) -> None:
+        """Copy dirty runs until at most `limit` dirty bytes are left (errors fail the job)."""
+        while self.dirty.count * self.dirty.granule > limit:
+            first, count = self.dirty.take_run(CHUNK // self.dirty.granule)  # type: ignore[misc]
+            offset = first * self.dirty.granule
+            await self._copy(offset, min(count * self.dirty.granule, self.top.size - offset))
 
     def _stop_tracking(self) -> None:
         if self._on_guest_write in self.backend.write_notifiers:

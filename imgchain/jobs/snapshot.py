@@ -84,6 +84,7 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
     try:
         if root.writable:
             await sync_outside_drain(root)  # its reopen read-only then syncs little while guest I/O waits
+            graph.check_not_busy([root])  # a job may have taken it meanwhile
         async with graph.drained():
             backend = graph.backend_of(root)
             if backend is None or root.blockers:  # changed while draining
