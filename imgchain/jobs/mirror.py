@@ -170,10 +170,12 @@ class ActiveCommitJob(Job):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
-        await sync_outside_drain(self.top)  # the old top is closed after the pivot: little left to sync then
         for _ in range(3):  # converge outside the drain: what came during the syncs is copied first
             await self._copy_dirty_down_to(PIVOT_BACKLOG)
             await sync_outside_drain(self.base)
+            # the old top too: it is closed after the pivot, and on ext4 a sync of base
+            # inside the drain would otherwise wait for the guest's new data in top
+            await sync_outside_drain(self.top)
             if self.dirty.count * self.dirty.granule <= PIVOT_BACKLOG:
                 break
         async with graph.drained():
