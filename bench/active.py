@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jobs import fresh_copy, loadavg, p999, read_lat_log, socket_of  # noqa: E402
+from jobs import fresh_copy, loadavg, p999, read_lat_log, socket_of, write_out  # noqa: E402
 from run import (build_chain, cleanup_mounts, imgchain_export, log, machine_line, parse_size, run,  # noqa: E402
                  short_path, stop)
 
@@ -387,17 +387,6 @@ def report(results: dict[tuple[int, str], list[Result]], args: argparse.Namespac
     ])
 
 
-def write_out(path: Path, body: str) -> None:
-    begin, end = MARK.format("begin", SECTION), MARK.format("end", SECTION)
-    block = f"{begin}\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 # -- main -----------------------------------------------------------------------------
 
 def main() -> None:
@@ -461,7 +450,7 @@ def main() -> None:
     body = report(results, args, command, machine)
     print(body)
     if args.out:
-        write_out(args.out, body)
+        write_out(args.out, body, SECTION, MARK)
 
 
 if __name__ == "__main__":

@@ -469,9 +469,9 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def write_out(path: Path, body: str) -> None:
-    """Replace this benchmark's section between its markers, or add it; the rest stays."""
-    begin, end = MARK.format("begin", SECTION), MARK.format("end", SECTION)
+def write_out(path: Path, body: str, section: str = SECTION, mark: str = MARK) -> None:
+    """Replace a benchmark's section between its markers, or add it; the rest stays."""
+    begin, end = mark.format("begin", section), mark.format("end", section)
     block = f"{begin}\n{body}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if begin in text and end in text:
