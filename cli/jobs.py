@@ -317,6 +317,15 @@ def _start_on_mount(mounted: MountedChain, command: str, args: dict[str, Any], d
     finish(watch_daemon_job(client, job_id, progress, interrupts, owned=True, on_ready=on_ready), output, quiet)
 
 
+def _open_offline(image: str, args: dict[str, Any], detach: bool, trust_backing: bool,
+                  interrupts: Interrupts) -> OfflineChain:
+    """The chain of an image that is not mounted, for a job in this process."""
+    if detach:
+        _usage(f"--detach needs a mounted chain: '{image}' is not mounted, and the job would end with this command")
+    check_offline_args(args)
+    return OfflineChain(image, trust_backing, interrupts)
+
+
 def _run_offline(chain: OfflineChain, kind: str, args: dict[str, Any], quiet: bool, output: str,
                  empty_top: bool = False, success: str | None = None) -> None:
     label = f"{kind} {args.get('job-id', args['device'])}"
@@ -401,10 +410,7 @@ def stream(image: str, top: str | None, base: str | None, bottom: str | None, sp
             finally:
                 mounted.close()
             return
-        if detach:
-            _usage(f"--detach needs a mounted chain: '{image}' is not mounted, and the job would end with this command")
-        check_offline_args(args)
-        offline = OfflineChain(image, trust_backing, interrupts)
+        offline = _open_offline(image, args, detach, trust_backing, interrupts)
         try:
             args["device"] = offline.node_of(top).node_name if top else offline.top.node_name
             if base is not None:
@@ -453,10 +459,7 @@ def commit(image: str, top: str | None, base: str | None, no_pivot: bool, keep_t
             finally:
                 mounted.close()
             return
-        if detach:
-            _usage(f"--detach needs a mounted chain: '{image}' is not mounted, and the job would end with this command")
-        check_offline_args(args)
-        offline = OfflineChain(image, trust_backing, interrupts)
+        offline = _open_offline(image, args, detach, trust_backing, interrupts)
         try:
             top_node = offline.node_of(top) if top else offline.top
             if base is not None:

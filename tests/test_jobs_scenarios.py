@@ -533,6 +533,17 @@ def test_scenario_14_commit_rewrites_the_overlays_header(tmp_path: Path) -> None
 # -- 16-18: concurrent jobs on P9 -----------------------------------------------------------------
 
 
+def assert_parallel_streams_ended(p9: dict[str, Path]) -> None:
+    """Scenario 16's end state on disk: every image checks clean, each img-2k
+    stores what img-(2k-1) stored, and the headers chain img-8 <- ... <- img-0."""
+    assert_qemu_clean(*p9.values())
+    for k in (1, 2, 3, 4):
+        assert presence(p9[f"img-{2 * k}"]) == presence(p9[f"img-{2 * k - 1}"]), k
+    for upper, lower, fmt in (("img-8", "img-6", "qcow2"), ("img-6", "img-4", "qcow2"),
+                              ("img-4", "img-2", "qcow2"), ("img-2", "img-0", "raw")):
+        assert_backing(p9[upper], p9[lower], fmt)
+
+
 def test_scenario_16_parallel_streams(tmp_path: Path) -> None:
     """Four streams (img-2k with bottom=img-(2k-1)) throttled to 1 KiB/s run at
     once; the throttles are lifted from img-8 down. All complete without
@@ -560,12 +571,7 @@ def test_scenario_16_parallel_streams(tmp_path: Path) -> None:
         assert await qmp.chain() == ["img-8", "img-6", "img-4", "img-2", "img-0"]
 
     run_mounted(p9["img-8"], tmp_path, body, seed=16, regions=[(0, 1 * MiB)])
-    assert_qemu_clean(*p9.values())
-    for k in (1, 2, 3, 4):
-        assert presence(p9[f"img-{2 * k}"]) == presence(p9[f"img-{2 * k - 1}"]), k
-    for upper, lower, fmt in (("img-8", "img-6", "qcow2"), ("img-6", "img-4", "qcow2"),
-                              ("img-4", "img-2", "qcow2"), ("img-2", "img-0", "raw")):
-        assert_backing(p9[upper], p9[lower], fmt)
+    assert_parallel_streams_ended(p9)
 
 
 def test_scenario_16_parallel_streams_lifted_bottom_up(tmp_path: Path) -> None:
@@ -595,12 +601,7 @@ def test_scenario_16_parallel_streams_lifted_bottom_up(tmp_path: Path) -> None:
         assert await qmp.chain() == ["img-8", "img-6", "img-4", "img-2", "img-0"]
 
     run_mounted(p9["img-8"], tmp_path, body, seed=116, regions=[(0, 2 * MiB)])
-    assert_qemu_clean(*p9.values())
-    for k in (1, 2, 3, 4):
-        assert presence(p9[f"img-{2 * k}"]) == presence(p9[f"img-{2 * k - 1}"]), k
-    for upper, lower, fmt in (("img-8", "img-6", "qcow2"), ("img-6", "img-4", "qcow2"),
-                              ("img-4", "img-2", "qcow2"), ("img-2", "img-0", "raw")):
-        assert_backing(p9[upper], p9[lower], fmt)
+    assert_parallel_streams_ended(p9)
 
 
 def test_scenario_17_stream_blocks_overlapping_operations(tmp_path: Path) -> None:
