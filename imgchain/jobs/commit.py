@@ -68,7 +68,7 @@ class CommitJob(CopyJob):
     def target_node(self) -> Node:
         return self.base
 
-    def write_range(self, offset: int, data: bytes | bytearray) -> int:
+    def write_range(self, offset: int, data: memoryview) -> int:
         if is_zero(data):
             self.base.write_zeroes(offset, len(data))
         else:

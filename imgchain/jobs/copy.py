@@ -74,12 +74,31 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 _ZEROS = bytes(CHUNK)
 
+Buffer = bytes | bytearray | memoryview
 
-def is_zero(data: bytes | bytearray) -> bool:
-    """A memory compare that stops at the first non-zero byte (count() reads all)."""
-    if len(data) > len(_ZEROS):
-        return data.count(0) == len(data)
-    return data == _ZEROS[:len(data)]
+
+def is_zero(data: Buffer) -> bool:
+    """A memory compare that stops at the first non-zero byte (count() reads
+    all; comparing a memoryview item by item is a hundred times slower)."""
+    view = memoryview(data)
+    return all(_ZEROS.startswith(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK))
+
+
+class BounceBuffer:
+    """A job's one buffer for the data it copies, used again chunk after
+    chunk: a copy allocates nothing, and each byte is copied once into it
+    and once out of it (a job copies one range at a time)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(CHUNK)
+
+    def read(self, node: "Node", offset: int, length: int) -> memoryview:
+        """`node`'s guest bytes at offset, in the buffer (valid until the next read)."""
+        if length > len(self._buffer):
+            self._buffer = bytearray(length)
+        view = memoryview(self._buffer)[:length]
+        node.read_into(offset, view)
+        return view
 
 
 async def sync_outside_drain(node: "Node") -> None:
@@ -101,6 +120,7 @@ class CopyJob(Job):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.ignored_error: str | None = None
+        self.buffer = BounceBuffer()
 
     async def run(self) -> None:
         self.length = self.source_size()
@@ -136,7 +156,7 @@ class CopyJob(Job):
         self.stage = "read"
         source = self.read_node()
         await self.manager.debug.delay(source, "read", offset, length)
-        data = source.read(offset, length)
+        data = self.buffer.read(source, offset, length)
         self.stage = "write"
         await self.manager.debug.delay(self.target_node(), "write", offset, length)
         written = self.write_range(offset, data)
@@ -162,6 +182,6 @@ class CopyJob(Job):
     def target_node(self) -> "Node":
         raise NotImplementedError
 
-    def write_range(self, offset: int, data: bytes | bytearray) -> int:
-        """Write what was read; returns the bytes written."""
+    def write_range(self, offset: int, data: memoryview) -> int:
+        """Write what was read (in the job's buffer); returns the bytes written."""
         raise NotImplementedError

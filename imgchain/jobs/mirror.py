@@ -25,7 +25,7 @@ from imgchain.backend import BlockBackend
 from imgchain.graph import GraphError
 from imgchain.node import Node
 
-from .copy import CHUNK, allocated_above, is_zero, sync_outside_drain
+from .copy import CHUNK, BounceBuffer, allocated_above, is_zero, sync_outside_drain
 from .job import Job, JobError
 from .manager import JobManager
 
@@ -81,6 +81,7 @@ class ActiveCommitJob(Job):
         self.dirty = DirtyBitmap(top.size, max(GRANULE, base.driver.cluster_size or 0))
         self.should_complete = False
         self.soft_cancelled = False
+        self.buffer = BounceBuffer()
 
     # -- verbs ----------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class ActiveCommitJob(Job):
     async def _copy(self, offset: int, length: int) -> None:
         self.stage = "read"
         await self.manager.debug.delay(self.top, "read", offset, length)
-        data = self.top.read(offset, length)
+        data = self.buffer.read(self.top, offset, length)
         self.stage = "write"
         await self.manager.debug.delay(self.base, "write", offset, length)
         if is_zero(data):

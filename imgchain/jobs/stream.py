@@ -62,7 +62,7 @@ class StreamJob(CopyJob):
     def target_node(self) -> Node:
         return self.top
 
-    def write_range(self, offset: int, data: bytes | bytearray) -> int:
+    def write_range(self, offset: int, data: memoryview) -> int:
         written = 0
         for off, n in unallocated_in(self.top, offset, len(data)):  # again: a guest write may have come
             piece = data[off - offset:off - offset + n]
