@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from imgchain.backend import BlockBackend
 from imgchain.graph import GraphError
 from imgchain.node import Node
@@ -191,11 +193,21 @@ class ActiveCommitJob(Job):
                     raise JobError(str(exc)) from None
 
     async def _copy_dirty_down_to(self, limit: int) -> None:
-        """Copy dirty runs until at most `limit` dirty bytes are left (errors fail the job)."""
+        """Copy dirty runs until at most `limit` dirty bytes are left (errors
+        fail the job), yielding after each chunk's worth: outside a drain the
+        guest's requests are served in between (random writes leave one
+        granule a run, and a backlog of a hundred MiB copied without a yield
+        would hold them for as long)."""
+        copied = 0
         while self.dirty.count * self.dirty.granule > limit:
             first, count = self.dirty.take_run(CHUNK // self.dirty.granule)  # type: ignore[misc]
             offset = first * self.dirty.granule
-            await self._copy(offset, min(count * self.dirty.granule, self.top.size - offset))
+            length = min(count * self.dirty.granule, self.top.size - offset)
+            await self._copy(offset, length)
+            copied += length
+            if copied >= CHUNK:
+                copied = 0
+                await trio.lowlevel.checkpoint()
 
     def _stop_tracking(self) -> None:
         if self._on_guest_write in self.backend.write_notifiers:
