@@ -143,6 +143,17 @@ def _daemon_chain(record: MountRecord, client: QmpClient) -> list[tuple[str, str
     return chain
 
 
+def through_mountpoint(image: str) -> str:
+    """IMAGE, or, where IMAGE is the mount point of a live mount, that
+    mount's active image file (so `imgchain stream disk.img` works on the
+    mounted disk, instead of treating the FUSE file as a raw image)."""
+    real = os.path.realpath(image)
+    for record in live_records():
+        if os.path.realpath(record.mountpoint) == real and record.image:
+            return record.image
+    return image
+
+
 def find_mount(image: str) -> MountedChain | None:
     """The live mount whose chain has IMAGE's file as a node, else None."""
     target = _file_id(image)
@@ -395,6 +406,7 @@ def stream(image: str, top: str | None, base: str | None, bottom: str | None, sp
     if base is not None and bottom is not None:
         _usage("--base and --bottom cannot be given together")
     args = _common_job_args(speed, on_error, job_id, backing_file)
+    image = through_mountpoint(image)
     with Interrupts() as interrupts:  # from the start: a Ctrl-C while the chain opens cancels the job
         mounted = find_mount(image)
         if mounted is not None:
@@ -440,6 +452,7 @@ def commit(image: str, top: str | None, base: str | None, no_pivot: bool, keep_t
     pivots the mount onto --base). Not mounted: qemu-img commit's semantics:
     IMAGE is emptied afterwards unless -d; with --base it is kept."""
     args = _common_job_args(speed, on_error, job_id, backing_file)
+    image = through_mountpoint(image)
     with Interrupts() as interrupts:
         mounted = find_mount(image)
         if mounted is not None:

@@ -31,7 +31,7 @@ from imgchain.create import DEFAULT_CLUSTER_SIZE, create_image, create_qcow2
 from imgchain.errors import ImgchainError
 
 from .common import main, output_option, print_json, user_errors
-from .jobs import MountedChain, find_mount
+from .jobs import MountedChain, find_mount, through_mountpoint
 
 
 def backing_name(new: str, backing: str, absolute: bool) -> str:
@@ -147,6 +147,7 @@ def snapshot(image: str, new: str, absolute: bool, node_name: str | None, quiet:
     later writes land in NEW, IMAGE becomes its read-only backing. Not
     mounted: `imgchain create -b IMAGE NEW`. NEW names IMAGE relative to NEW's
     folder, or by its absolute path with --absolute."""
+    image = through_mountpoint(image)
     mounted = find_mount(image)  # IMAGE missing: "Could not open 'IMAGE': No such file or directory"
     if mounted is None:
         doc = _snapshot_offline(image, new, absolute, node_name)

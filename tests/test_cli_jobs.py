@@ -499,3 +499,23 @@ def test_mounted_active_commit_pivots_or_stays_ready(tmp_path: Path) -> None:
         assert nodes["state"] == "running"
     same_content(tmp_path / "base.raw", expected, "raw", "raw")
     assert_qemu_clean(top, tmp_path / "mid.qcow2")
+
+
+def test_jobs_and_snapshot_given_the_mount_point_work_on_the_mounted_chain(tmp_path: Path) -> None:
+    """`imgchain snapshot|stream|commit MOUNTPOINT`: the mounted file stands for its mount's
+    active image (not a raw image of its own with nothing to stream)."""
+    top = make_chain(tmp_path)
+    expected = tmp_path / "expected.raw"
+    qemu_img("convert", "-O", "raw", top, expected, check=True)
+    disk = tmp_path / "disk.img"
+    with mount(top, disk):
+        snap = tmp_path / "snap.qcow2"
+        proc = cli("snapshot", disk, snap)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(qemu_img("info", "--output", "json", "-U", snap).stdout)["backing-filename"] == "top.qcow2"
+        proc = cli("stream", "-q", disk)  # the active image is snap.qcow2 now: flatten it
+        assert proc.returncode == 0, proc.stderr
+        assert "backing-filename" not in json.loads(qemu_img("info", "--output", "json", "-U", snap).stdout)
+        assert read_all(disk, 16 * MiB) == expected.read_bytes()
+    assert_qemu_clean(snap)
+    same_content(snap, expected, "qcow2", "raw")
