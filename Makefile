@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
                 fio qemu-utils qemu-system-common e2fsprogs
 
-.PHONY: setup system-packages venv demo test clean
+.PHONY: setup system-packages venv bytecode demo test clean
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -25,7 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-setup: system-packages venv
+# Bytecode for every module, kept up to date (compileall skips what is current):
+# with PYTHONDONTWRITEBYTECODE set, each imgchain process would compile its
+# sources again at start.
+bytecode: venv
+	$(PY) -m compileall -q imgchain formats cli fuse tests bench >/dev/null
+
+setup: system-packages venv bytecode
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m imgchain.cli.demo demo-work

@@ -55,8 +55,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jobs import fresh_copy, loadavg, p999, read_lat_log, socket_of, write_out  # noqa: E402
-from run import (build_chain, cleanup_mounts, imgchain_export, log, machine_line, parse_size, run,  # noqa: E402
-                 short_path, stop)
+from run import (build_chain, cleanup_mounts, compile_sources, imgchain_export, log, machine_line,  # noqa: E402
+                 parse_size, run, short_path, stop)
 
 MARK = "<!-- bench/active.py: {} {} -->"  # begin/end, section
 SECTION = "Block jobs: active commit and live snapshot against qemu-storage-daemon"
@@ -412,6 +412,7 @@ def main() -> None:
 
     work_root = Path(tempfile.mkdtemp(prefix="imgchain-bench-active-", dir=args.tmpdir))
     os.environ["IMGCHAIN_RUNTIME_DIR"] = str(work_root / "run")
+    compile_sources()
     machine, load_start = machine_line(), loadavg()
     results: dict[tuple[int, str], list[Result]] = {}
     try:

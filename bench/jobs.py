@@ -51,8 +51,8 @@ from typing import Any, Callable
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (IMGCHAIN, build_chain, cleanup_mounts, imgchain_export, log, machine_line,  # noqa: E402
-                 parse_size, run, short_path, warm)
+from run import (IMGCHAIN, build_chain, cleanup_mounts, compile_sources, imgchain_export, log,  # noqa: E402
+                 machine_line, parse_size, run, short_path, warm)
 
 from imgchain.backend import BlockBackend  # noqa: E402
 from imgchain.chain import open_backing_chain  # noqa: E402
@@ -512,6 +512,7 @@ def main() -> None:
 
     work_root = Path(tempfile.mkdtemp(prefix="imgchain-bench-jobs-", dir=args.tmpdir))
     os.environ["IMGCHAIN_RUNTIME_DIR"] = str(work_root / "run")
+    compile_sources()
     machine, load_start = machine_line(), loadavg()
     try:
         orig = work_root / "orig"

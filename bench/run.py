@@ -313,6 +313,18 @@ def fusectl_mounted() -> bool:
         return any(line.split()[2] == "fusectl" for line in f)
 
 
+SOURCE_DIRS = ("imgchain", "formats", "cli", "fuse")
+
+
+def compile_sources() -> None:
+    """Compile the project's modules to bytecode once, as an installed
+    package has them: with PYTHONDONTWRITEBYTECODE set (as on these
+    machines) every imgchain process timed here would otherwise compile
+    its sources again at start (0.2 s for `imgchain commit`)."""
+    root = Path(__file__).resolve().parent.parent
+    run([sys.executable, "-m", "compileall", "-q", *(str(root / d) for d in SOURCE_DIRS)])
+
+
 def machine_line() -> str:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor() or "?")
@@ -468,6 +480,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="imgchain-bench-", dir=args.tmpdir))
     os.environ["IMGCHAIN_RUNTIME_DIR"] = str(work / "run")
     runs: dict[tuple[str, str], list[Result]] = {}
+    compile_sources()
     machine, fusectl = machine_line(), fusectl_mounted()
     try:
         t0 = time.monotonic()
