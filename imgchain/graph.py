@@ -233,12 +233,17 @@ class BlockGraph:
         for backend in self.backends:
             backend.reopened()
 
-    async def reopen_drained(self, node: Node, writable: bool) -> bool:
+    async def reopen_drained(self, node: Node, writable: bool,
+                             still: Callable[[], bool] = lambda: True) -> bool:
         """Reopen `node` read-write or read-only unless it already is, in a
-        drain of its own; True if it changed."""
+        drain of its own, looking again once drained (the graph may have
+        changed while the drain waited): nothing is done unless `still()`
+        holds then. True if it changed."""
         if node.writable == writable:
             return False
         async with self.drained():
+            if node.writable == writable or not still():
+                return False
             self.reopen(node, writable)
         return True
 

@@ -256,3 +256,42 @@ async def test_guest_requests_are_served_while_the_pivot_copies_a_backlog(chain:
         nursery.cancel_scope.cancel()
     assert job.error is None and s.backend.root.node_name == "img-6"
     s.close()
+
+
+async def test_a_job_created_while_another_reopens_its_target_finds_the_nodes_busy(chain: Path,
+                                                                                   autojump_clock: Any) -> None:
+    """The stress mode's find: an intermediate commit of img-2 into img-0 waits
+    in the drain that reopens img-0 read-write (a guest read holds it); an
+    active commit of the root into img-2 asked for meanwhile must be refused,
+    not run beside it (the first would drop img-2, the second then pivot the
+    device onto the closed node: every later guest write failed with EBADF)."""
+    s = Setup(chain, [slow_read()])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        reads: list[bytes] = []
+        nursery.start_soon(lambda: _append_read(s.backend, reads))
+        await wait_all_tasks_blocked()
+        created: list[Any] = []
+
+        async def first() -> None:
+            created.append(await create_commit(s.manager, {"device": "drive0", "top-node": "img-2",
+                                                           "base-node": "img-0", "job-id": "inner"}))
+
+        nursery.start_soon(first)
+        await wait_all_tasks_blocked()
+        assert not created and s.graph.quiesce_counter  # its launch waits in the reopen's drain
+        with pytest.raises(Exception, match="is busy: block device is in use by block job: commit"):
+            await create_commit(s.manager, {"device": "drive0", "base-node": "img-2", "job-id": "outer"})
+        with pytest.raises(Exception, match="Job ID 'inner' already in use"):  # nodes of its own, the id taken
+            await create_stream(s.manager, {"device": "img-4", "base-node": "img-3", "job-id": "inner"})
+        await until(lambda: bool(created))
+        await created[0].done.wait()
+        nursery.cancel_scope.cancel()
+    assert created[0].error is None and reads
+    assert s.node("img-3").backing_node.node_name == "img-0"
+    await s.backend.write(0, b"\x11" * 4096)  # the root still takes writes
+    assert bytes(await s.backend.read(0, 4096)) == b"\x11" * 4096
+    s.close()
+    for image in ("img-8.qcow2", "img-3.qcow2"):
+        proc = qemu_img("check", chain / image)
+        assert proc.returncode == 0, proc.stdout

@@ -372,9 +372,13 @@ class Job:
         """Release what the job holds, success or not: the target is made
         read-only again if the job made it writable and it is a backing still."""
         graph, target = self.manager.graph, self.target
-        if (target is not None and self.target_was_read_only and graph.nodes.get(target.node_name) is target
-                and graph.backend_of(target) is None):
-            await graph.reopen_drained(target, False)
+        if target is None or not self.target_was_read_only:
+            return
+
+        def still_a_backing() -> bool:  # judged once drained: a pivot may have made it a device's root
+            return graph.nodes.get(target.node_name) is target and graph.backend_of(target) is None
+
+        await graph.reopen_drained(target, False, still_a_backing)
 
     def thaw(self) -> None:
         """Unfreeze the links the job froze (once)."""

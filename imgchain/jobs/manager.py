@@ -65,16 +65,22 @@ class JobManager:
         return job
 
     async def launch(self, job: Job, frozen: list, target: "Node", nodes: list["Node"], reason: str) -> Job:
-        """Start a job that has frozen the links `frozen`: its target made
-        writable (drained), `nodes` blocked with `reason`; on failure nothing
-        stays frozen."""
+        """Start a job that has frozen the links `frozen`: `nodes` blocked
+        with `reason` and its id taken at once, with no await since the
+        caller's checks (a job created while this one's target reopens must
+        find them busy, or two jobs would change the same nodes), then its
+        target made writable (drained); on failure nothing stays frozen,
+        blocked or taken."""
+        self.jobs[job.id] = job  # its id is taken from now on (status created, as in QEMU)
+        self.graph.block(job, nodes, reason)
         try:
             job.target_was_read_only = await self.graph.reopen_drained(target, True)
         except BaseException:
+            self.graph.unblock(job, nodes)
             self.graph.unfreeze(frozen)
+            self.forget(job)
             raise
         job.frozen, job.target, job.nodes = frozen, target, nodes
-        self.graph.block(job, nodes, reason)
         return self.start(job)
 
     async def detach(self, job: Job) -> None:
