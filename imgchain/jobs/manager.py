@@ -40,6 +40,7 @@ class JobManager:
         self.listeners: list[Listener] = []
         self._nursery: trio.Nursery | None = None
         self._pending: list[Job] = []  # created before serve() started
+        self._launching: set[str] = set()  # ids of jobs between their checks and their start
 
     # -- tasks --------------------------------------------------------------
 
@@ -71,15 +72,16 @@ class JobManager:
         find them busy, or two jobs would change the same nodes), then its
         target made writable (drained); on failure nothing stays frozen,
         blocked or taken."""
-        self.jobs[job.id] = job  # its id is taken from now on (status created, as in QEMU)
+        self._launching.add(job.id)  # taken (no verb reaches the job before it starts)
         self.graph.block(job, nodes, reason)
         try:
             job.target_was_read_only = await self.graph.reopen_drained(target, True)
         except BaseException:
             self.graph.unblock(job, nodes)
             self.graph.unfreeze(frozen)
-            self.forget(job)
             raise
+        finally:
+            self._launching.discard(job.id)
         job.frozen, job.target, job.nodes = frozen, target, nodes
         return self.start(job)
 
@@ -105,7 +107,7 @@ class JobManager:
     def new_id(self, job_id: str) -> str:
         if not _JOB_ID.match(job_id):
             raise JobError(f"Invalid job ID '{job_id}'")
-        if job_id in self.jobs:
+        if job_id in self.jobs or job_id in self._launching:
             raise JobError(f"Job ID '{job_id}' already in use")
         return job_id
 
