@@ -28,6 +28,8 @@ import os
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Protocol
 
+import trio
+
 from .chain import reopen_node, resolve_backing_name
 from .errors import ImgchainError
 from .node import Child, Node, attach_backing, detach_backing
@@ -84,6 +86,9 @@ class BlockGraph:
         self.jobs: list[Quiescable] = []  # jobs that are still attached to nodes
         self.lock = GraphLock()
         self.quiesce_counter = 0
+        # Invariant: a node is a key while a worker thread syncs its file (sync_off_loop).
+        self._syncing: dict[Node, int] = {}
+        self._sync_ended = trio.Event()
         # Called after every change of links, roots or membership (the daemon
         # rewrites its mount record so `imgchain mounts` shows the chain as it is).
         self.listeners: list[Callable[[], None]] = []
@@ -227,11 +232,36 @@ class BlockGraph:
         return overlays
 
     def reopen(self, node: Node, writable: bool) -> None:
-        """QEMU's bdrv_reopen of a node in place, the caller having drained:
-        devices forget the old file descriptor."""
+        """QEMU's bdrv_reopen of a node in place, the caller having drained
+        and waited for the node's off-loop syncs (wait_syncs): devices forget
+        the old file descriptor."""
+        assert node not in self._syncing, f"reopen of '{node.node_name}' under a sync of its file"
         reopen_node(node, writable)
         for backend in self.backends:
             backend.reopened()
+
+    # -- syncs off the loop -------------------------------------------------
+
+    async def sync_off_loop(self, node: Node) -> None:
+        """fdatasync of `node`'s file in a worker thread while requests go on,
+        counted as I/O in flight on the node: a reopen waits for it, since
+        closing the descriptor under a running fdatasync keeps the file's
+        image locks held until it returns (the reopen's new locks would
+        then be refused and the node left without a file)."""
+        self._syncing[node] = self._syncing.get(node, 0) + 1
+        try:
+            await trio.to_thread.run_sync(node.sync_file)
+        finally:
+            self._syncing[node] -= 1
+            if not self._syncing[node]:
+                del self._syncing[node]
+            self._sync_ended.set()
+            self._sync_ended = trio.Event()
+
+    async def wait_syncs(self, node: Node) -> None:
+        """Until no off-loop sync of `node`'s file is running."""
+        while node in self._syncing:
+            await self._sync_ended.wait()
 
     async def reopen_drained(self, node: Node, writable: bool,
                              still: Callable[[], bool] = lambda: True) -> bool:
@@ -242,6 +272,7 @@ class BlockGraph:
         if node.writable == writable:
             return False
         async with self.drained():
+            await self.wait_syncs(node)
             if node.writable == writable or not still():
                 return False
             self.reopen(node, writable)

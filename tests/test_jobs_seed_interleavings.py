@@ -295,3 +295,59 @@ async def test_a_job_created_while_another_reopens_its_target_finds_the_nodes_bu
     for image in ("img-8.qcow2", "img-3.qcow2"):
         proc = qemu_img("check", chain / image)
         assert proc.returncode == 0, proc.stdout
+
+
+async def test_a_snapshot_waits_for_another_snapshots_sync_of_the_root(chain: Path, autojump_clock: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stress mode's second find: snapshot B reopened the root read-only
+    (closing its descriptor) while snapshot A's fdatasync of it still ran in
+    a worker thread; the kernel then kept the old descriptor's image locks
+    until that returned, the reopen's new locks were refused and the root was
+    left with a closed file (every later guest write: EBADF). B's reopen now
+    waits for A's sync; whichever then changes the graph first wins, and the
+    other finds the root changed and does nothing."""
+    gates: list[trio.Event] = []
+
+    async def held_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        gate = trio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", held_thread)
+    s = Setup(chain, [])
+    results: dict[str, Any] = {}
+
+    async def snapshot(tag: str) -> None:
+        try:
+            results[tag] = await snapshot_sync(s.graph, {"device": "drive0", "snapshot-file": str(chain / f"{tag}.qcow2")})
+        except Exception as exc:  # noqa: BLE001 - the refusal is what is checked
+            results[tag] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snapshot, "a")
+        await wait_all_tasks_blocked()
+        nursery.start_soon(snapshot, "b")
+        await wait_all_tasks_blocked()
+        assert len(gates) == 2  # both in their first sync of img-8
+        gates[1].set()  # B's syncs end first
+        await wait_all_tasks_blocked()
+        gates[2].set()
+        await wait_all_tasks_blocked()
+        assert "b" not in results and s.backend.root.node_name == "img-8"  # drained, waiting for A's sync
+        for gate in gates[3:] + [gates[0]]:
+            gate.set()
+        while len(results) < 2:
+            for gate in gates:
+                gate.set()
+            await wait_all_tasks_blocked()
+    winner, loser = sorted(results, key=lambda tag: isinstance(results[tag], Exception))
+    assert s.backend.root is results[winner] and s.backend.root.backing_node is s.node("img-8")
+    assert "changed while the snapshot waited" in str(results[loser])
+    await s.backend.write(0, b"\x22" * 4096)  # the new root takes writes; img-8 is its read-only backing
+    assert bytes(await s.backend.read(0, 4096)) == b"\x22" * 4096
+    assert not s.node("img-8").writable
+    s.close()
+    for image in (f"{winner}.qcow2", "img-8.qcow2"):
+        proc = qemu_img("check", chain / image)
+        assert proc.returncode == 0, proc.stdout

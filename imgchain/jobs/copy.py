@@ -19,6 +19,7 @@ from imgchain.extent import Status
 from .job import Job, JobFailed, error_text
 
 if TYPE_CHECKING:
+    from imgchain.graph import BlockGraph
     from imgchain.node import Node
 
 CHUNK = 1 << 20  # bytes per step: large enough to run at disk speed, small enough to pause promptly
@@ -101,15 +102,15 @@ class BounceBuffer:
         return view
 
 
-async def sync_outside_drain(node: "Node") -> None:
+async def sync_outside_drain(graph: "BlockGraph", node: "Node") -> None:
     """Make what a job wrote into `node` durable before its graph change
     drains, with the long fdatasync in a worker thread: the data first (the
     loop keeps serving guest I/O meanwhile), then the metadata write-back,
     whose ordering barrier then finds little left to sync, then once more.
     The drain after it holds guest I/O only for the few writes since."""
-    await trio.to_thread.run_sync(node.sync_file)
+    await graph.sync_off_loop(node)
     node.write_back()
-    await trio.to_thread.run_sync(node.sync_file)
+    await graph.sync_off_loop(node)
 
 
 class CopyJob(Job):

@@ -127,7 +127,7 @@ class ActiveCommitJob(Job):
                 return  # prepare copies the rest with guest I/O held: a short hold, however busy the guest
             if not self.dirty.count:
                 if self.status == "running":
-                    await sync_outside_drain(self.base)
+                    await sync_outside_drain(self.manager.graph, self.base)
                     if self.cancelled:
                         continue
                     self.transition("ready")  # as QEMU: in sync once, whatever arrived during the flush
@@ -175,10 +175,10 @@ class ActiveCommitJob(Job):
         graph = self.manager.graph
         for _ in range(3):  # converge outside the drain: what came during the syncs is copied first
             await self._copy_dirty_down_to(PIVOT_BACKLOG)
-            await sync_outside_drain(self.base)
+            await sync_outside_drain(self.manager.graph, self.base)
             # the old top too: it is closed after the pivot, and on ext4 a sync of base
             # inside the drain would otherwise wait for the guest's new data in top
-            await sync_outside_drain(self.top)
+            await sync_outside_drain(self.manager.graph, self.top)
             if self.dirty.count * self.dirty.granule <= PIVOT_BACKLOG:
                 break
         async with graph.drained():

@@ -83,9 +83,10 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
         raise
     try:
         if root.writable:
-            await sync_outside_drain(root)  # its reopen read-only then syncs little while guest I/O waits
+            await sync_outside_drain(graph, root)  # its reopen read-only then syncs little while guest I/O waits
             graph.check_not_busy([root])  # a job may have taken it meanwhile
         async with graph.drained():
+            await graph.wait_syncs(root)  # another snapshot's sync of it: its reopen must not close the file under it
             backend = graph.backend_of(root)
             if backend is None or root.blockers:  # changed while draining
                 raise JobError(f"Node '{root.node_name}' changed while the snapshot waited; nothing was done")

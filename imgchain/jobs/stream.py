@@ -77,7 +77,7 @@ class StreamJob(CopyJob):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
-        await sync_outside_drain(self.top)
+        await sync_outside_drain(self.manager.graph, self.top)
         async with graph.drained():
             self.thaw()
             if self.top.backing is None:
