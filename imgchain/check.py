@@ -28,7 +28,7 @@ from imgchain.formats.qcow2_tables import (
     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK, ClusterType, classify_l2,
     compressed_extent, decode_refcount_block, decode_u64_table, encode_refcount16, encode_u64,
-    encode_u64_table, nonzero_indexes)
+    encode_u64_table, nonzero_entries)
 
 from .blockfile import BlockFile
 from .chain import close_chain, open_backing_chain
@@ -235,10 +235,7 @@ class _Checker:
         if not size:
             return
         self.inc(offset, size * 8)
-        data = self.file.pread(offset, size * 8)
-        table = decode_u64_table(data)
-        for i in nonzero_indexes(data):
-            entry = table[i]
+        for _, entry in nonzero_entries(self.file.pread(offset, size * 8)):
             if entry & L1E_RESERVED_MASK:
                 self.corrupt(f"ERROR found L1 entry with reserved bits set: {entry:x}")
             l2_offset = entry & L1E_OFFSET_MASK
@@ -249,10 +246,8 @@ class _Checker:
 
     def check_l2(self, l2_offset: int, fix: int, frag: bool) -> None:  # ref: check_refcounts_l2
         next_contiguous = 0
-        data = self.file.pread(l2_offset, self.cs)
-        table = decode_u64_table(data)
-        for i in nonzero_indexes(data):  # an entry of 0 is unallocated: nothing to count or check
-            entry = table[i]
+        # An entry of 0 is unallocated: nothing to count or check.
+        for i, entry in nonzero_entries(self.file.pread(l2_offset, self.cs)):
             kind = classify_l2(entry)
             if kind is ClusterType.COMPRESSED:
                 self.count_compressed(entry, frag)
@@ -532,10 +527,8 @@ class _Checker:
             self.check_copied_l2(l2_offset, repair, label)
 
     def check_copied_l2(self, l2_offset: int, repair: bool, label: str) -> None:
-        data, dirty = self.file.pread(l2_offset, self.cs), 0
-        table = decode_u64_table(data)
-        for j in nonzero_indexes(data):
-            entry = table[j]
+        data, repaired = self.file.pread(l2_offset, self.cs), []
+        for j, entry in nonzero_entries(data):
             if classify_l2(entry) not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 continue
             refcount = self.disk_refcount((entry & L2E_OFFSET_MASK) >> self.bits)
@@ -543,13 +536,15 @@ class _Checker:
                 continue
             self.corrupt(f"{label} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}")
             if repair:
-                table[j] = entry ^ QCOW_OFLAG_COPIED
-                dirty += 1
-        if dirty:
+                repaired.append(j)
+        if repaired:
+            table = decode_u64_table(data)
+            for j in repaired:
+                table[j] ^= QCOW_OFLAG_COPIED
             self.file.pwrite(l2_offset, encode_u64_table(table))
             self.file.flush()
-            self.res.corruptions -= dirty
-            self.res.corruptions_fixed += dirty
+            self.res.corruptions -= len(repaired)
+            self.res.corruptions_fixed += len(repaired)
 
     def run(self, fix: int) -> CheckResult:
         """ref: qcow2_check_refcounts. Raises _CheckAborted where that returns an error."""
