@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help="random seed of the writes")
     p.add_argument("--repeat", type=int, default=5, help="runs of each check measurement (default 5)")
     p.add_argument("--startup-repeat", type=int, default=15, help="runs of each start-up measurement (default 15)")
-    p.add_argument("--sizes", default=",".join(SIZES), help="large images to build (default: 1 TiB,16 TiB)")
+    p.add_argument("--sizes", default=",".join(SIZES), help="large images to build (default: 1 TiB,16 TiB; \"\" for none)")
     p.add_argument("--out", type=Path, help="also write the result into this Markdown file")
     p.add_argument("--tmpdir", help="where to build the images (default: the system's temp dir)")
     args = p.parse_args()
@@ -190,7 +190,7 @@ def main() -> None:
         work = Path(tmp)
         small_chain(work)
         pairs: list[Pair] = []
-        for i, name in enumerate(s.strip() for s in args.sizes.split(",")):
+        for i, name in enumerate(s.strip() for s in args.sizes.split(",") if s.strip()):
             image = written_image(work / f"{name.replace(' ', '')}.qcow2", SIZES[name], args.writes, args.seed + i)
             same_check_output(image)
             pairs.append(Pair(f"check, {name} written", [IMGCHAIN, "check", image.name],
