@@ -12,6 +12,10 @@ processes, imgchain and qemu-img alternating, --repeat times:
   qemu-img's, and `imgchain commit top.qcow2` (offline, the in-process job)
   against `qemu-img commit` on a fresh copy of the chain each run; and the
   interpreter alone (`python -c pass`), the floor under every imgchain figure.
+  These run the development install (`make setup`: editable, whose import
+  hook every interpreter of .venv loads at start), and again, for info and
+  check, a normal install: the project built by pip into a fresh virtual
+  environment that takes the dependencies from .venv through a .pth line.
 
 Figures are medians of wall-clock and CPU (user + sys) seconds; ratios are
 imgchain / qemu-img, computed run by run and then the median (min-max).
@@ -24,6 +28,7 @@ BENCHMARKS.md. Not a test.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import resource
@@ -45,6 +50,8 @@ from run import IMGCHAIN, log, machine_line, run, short_path  # noqa: E402
 MARK = "<!-- bench/offline.py: {} {} -->"  # begin/end, section
 SECTION = "Offline tools: check of written TiB images and start-up, against qemu-img"
 SIZES = {"1 TiB": 1 << 40, "16 TiB": 16 << 40}
+REPO = Path(__file__).resolve().parent.parent
+DEPENDENCIES = ("click", "trio", "pyfuse3", "construct")
 
 
 @dataclass
@@ -107,6 +114,23 @@ def fresh_chain(work: Path) -> Callable[[], None]:
         shutil.rmtree(work / "run", ignore_errors=True)
         shutil.copytree(work / "chain", work / "run")
     return copy
+
+
+def normal_install(work: Path) -> Path:
+    """The project installed by pip (not editable) into a new virtual environment whose
+    dependencies are .venv's, through a .pth line. Returns its `imgchain` script."""
+    venv = work / "installed"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = str(venv / "bin" / "python")
+    site = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
+    specs = [importlib.util.find_spec(name) for name in DEPENDENCIES]
+    dirs = {str(Path(spec.origin).parent.parent) for spec in specs if spec and spec.origin}
+    Path(site, "deps.pth").write_text("".join(f"{d}\n" for d in sorted(dirs)))
+    source = work / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info",
+                                                                 "build", "demo-work"))
+    run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", str(source)])
+    return venv / "bin" / "imgchain"
 
 
 def same_check_output(image: Path) -> None:
@@ -205,6 +229,9 @@ def main() -> None:
                         ["qemu-img", "check", "small.qcow2"]),
                    Pair("start-up: commit, small chain", [IMGCHAIN, "commit", "-q", "run/top.qcow2"],
                         ["qemu-img", "commit", "-q", "run/top.qcow2"], fresh_chain(work))]
+        installed = normal_install(work)
+        startup += [Pair(f"start-up, normal install: {command}, small image", [str(installed), command, "small.qcow2"],
+                         ["qemu-img", command, "small.qcow2"]) for command in ("info", "check")]
         for pair in startup:
             log(f"timing {pair.name}")
             measure(pair, work, args.startup_repeat)
