@@ -41,6 +41,7 @@ EXIT_NOT_SUPPORTED = 63
 EIO = "Input/output error"
 BME_OFFSET_MASK, BME_RESERVED_MASK, BME_ALL_ONES = 0x00FFFFFFFFFFFE00, 0xFF000000000001FE, 1
 MAX_L1_ENTRIES = 32 * 1024 * 1024 // 8
+KEPT_L2_ENTRIES = 1 << 18  # at most this many set entries of active L2 tables kept between the passes
 INCOMPAT_OFFSET, REFTABLE_FIELDS_OFFSET = 72, 48
 _JSON_KEYS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
               "corruptions-fixed", "leaks-fixed", "total-clusters", "allocated-clusters",
@@ -166,6 +167,10 @@ class _Checker:
         self.imrt = self.zeros(_round_up(self.file_size, self.cs) >> self.bits)  # in-memory refcounts
         self.protected: list[tuple[str, int, int]] = []  # metadata a rebuild must not overwrite
         self.signaled = self.dead = False  # dead: qemu made the node unusable (no clean close)
+        # The set entries of active L2 tables as counted, by table offset, for check_copied
+        # not to read and scan them again; None once the budget is spent.
+        self.kept_l2: dict[int, list[tuple[int, int]]] | None = {}
+        self.kept_entries = 0
 
     def zeros(self, count: int) -> array:
         """`count` refcounts of 0, as the in-memory refcount table holds them."""
@@ -246,8 +251,10 @@ class _Checker:
 
     def check_l2(self, l2_offset: int, fix: int, frag: bool) -> None:  # ref: check_refcounts_l2
         next_contiguous = 0
-        # An entry of 0 is unallocated: nothing to count or check.
-        for i, entry in nonzero_entries(self.file.pread(l2_offset, self.cs)):
+        entries = nonzero_entries(self.file.pread(l2_offset, self.cs))  # 0 is unallocated: nothing to count
+        if frag and not fix & FIX_ERRORS:  # a repair of errors may rewrite entries in this loop
+            self.keep_l2(l2_offset, entries)
+        for i, entry in entries:
             kind = classify_l2(entry)
             if kind is ClusterType.COMPRESSED:
                 self.count_compressed(entry, frag)
@@ -262,6 +269,13 @@ class _Checker:
                     self.res.fragmented_clusters += bool(next_contiguous and offset != next_contiguous)
                     next_contiguous = offset + self.cs
                 self.inc(offset, self.cs)
+
+    def keep_l2(self, l2_offset: int, entries: list[tuple[int, int]]) -> None:
+        self.kept_entries += len(entries)
+        if self.kept_l2 is not None and self.kept_entries <= KEPT_L2_ENTRIES:
+            self.kept_l2[l2_offset] = entries
+        else:
+            self.kept_l2 = None  # over the budget: check_copied reads every table again
 
     def count_compressed(self, entry: int, frag: bool) -> None:
         extent = compressed_extent(entry, self.bits)
@@ -527,8 +541,11 @@ class _Checker:
             self.check_copied_l2(l2_offset, repair, label)
 
     def check_copied_l2(self, l2_offset: int, repair: bool, label: str) -> None:
-        data, repaired = self.file.pread(l2_offset, self.cs), []
-        for j, entry in nonzero_entries(data):
+        entries = self.kept_l2.pop(l2_offset, None) if self.kept_l2 is not None else None
+        if entries is None:
+            entries = nonzero_entries(self.file.pread(l2_offset, self.cs))
+        repaired = []
+        for j, entry in entries:
             if classify_l2(entry) not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 continue
             refcount = self.disk_refcount((entry & L2E_OFFSET_MASK) >> self.bits)
@@ -538,7 +555,7 @@ class _Checker:
             if repair:
                 repaired.append(j)
         if repaired:
-            table = decode_u64_table(data)
+            table = decode_u64_table(self.file.pread(l2_offset, self.cs))
             for j in repaired:
                 table[j] ^= QCOW_OFLAG_COPIED
             self.file.pwrite(l2_offset, encode_u64_table(table))

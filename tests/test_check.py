@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from imgchain import FormatError, ImgchainError, open_chain
+from imgchain import check as check_module
 from imgchain.check import CheckResult, check_image
 from imgchain.create import create_image
 from imgchain.formats import ReadOnlyImage
@@ -328,9 +329,13 @@ def test_large_sparse_image_with_leaks(sparse_tib: Path, tmp_path: Path) -> None
     assert assert_same_repair(path, "leaks", tmp_path).leaks_fixed == 12
 
 
-def test_large_sparse_image_with_corruptions(sparse_tib: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept", [check_module.KEPT_L2_ENTRIES, 100])
+def test_large_sparse_image_with_corruptions(sparse_tib: Path, tmp_path: Path, kept: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A data cluster with refcount 0 (needs a rebuild), one with refcount 2 (a leak
-    and an OFLAG_COPIED error), and an L2 entry with a reserved bit set."""
+    and an OFLAG_COPIED error), and an L2 entry with a reserved bit set. With `kept`
+    at 100, the OFLAG_COPIED pass reads the L2 tables again instead of reusing them."""
+    monkeypatch.setattr(check_module, "KEPT_L2_ENTRIES", kept)
     path = tmp_path / sparse_tib.name
     shutil.copy(sparse_tib, path)
     bits, l1_offset = struct.unpack_from(">I16xQ", head(path), 20)
