@@ -1,14 +1,18 @@
 """What every command module shares: the root command group and the error and output helpers.
 
 The command modules (cli/images.py, cli/mount.py) import this module and add
-their commands to `main` with `@main.command()`; cli/main.py imports them to
-register the commands and is the entry point. Nothing here imports a command
-module, so imports go one way: main -> images, mount -> common.
+their commands to `main` with `@main.command()`. cli/main.py is the entry
+point: it tells `main` which module defines which command (`main.lazy`), and
+`main` imports a command's module only when that command runs (or help lists
+it), so `imgchain info` loads neither the job engine nor trio. Nothing here
+imports a command module by name, so imports go one way: main -> images,
+mount -> common.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 from typing import Any, Callable, NoReturn, TypeVar
@@ -21,7 +25,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A command group whose commands are imported on first use.
+
+    `lazy` maps a command name to the module (relative to this package) whose
+    `@main.command()` registers it; after that import the command is an
+    ordinary one of the group."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            importlib.import_module(self.lazy[cmd_name], __package__)
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgchain")
 def main() -> None:
     """Disk-image backing chains (qcow2 subset and raw): inspect, check, rebase."""

@@ -4,16 +4,22 @@ Parses arguments, calls the core, prints human or JSON output, and turns
 errors into one line on stderr and an exit code: 0 success, 1 failure,
 2 usage error (`check` and `compare` keep qemu-img's own codes). Only this
 package imports click. The root group and the shared helpers are in
-cli/common.py; importing the command modules here adds their commands.
+cli/common.py; the command modules add their commands to it, and this module
+names which module holds which command, so that a command loads only its own
+module: the offline tools load neither the job engine (trio) nor pyfuse3.
 """
 
 from __future__ import annotations
 
-from . import images  # noqa: F401  (registers create, info, check, map, compare, rebase)
-from . import jobs  # noqa: F401  (registers stream, commit, jobs, job)
-from . import mount  # noqa: F401  (registers mount, unmount, mounts)
-from . import snapshot  # noqa: F401  (registers snapshot)
 from .common import main
+
+COMMAND_MODULES = {
+    ".images": ("create", "info", "check", "map", "compare", "rebase"),
+    ".jobs": ("stream", "commit", "jobs", "job"),
+    ".mount": ("mount", "unmount", "mounts"),
+    ".snapshot": ("snapshot",),
+}
+main.lazy.update({name: module for module, names in COMMAND_MODULES.items() for name in names})
 
 __all__ = ["main"]
 

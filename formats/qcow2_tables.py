@@ -64,6 +64,38 @@ def encode_u64(value: int) -> bytes:
     return value.to_bytes(8, "big")
 
 
+_NONZERO_BYTE = bytes([0]) + bytes([1]) * 255  # translate table: any byte but 0 -> 1
+_SPANS = (8192, 1024, 128)  # the sizes a table is tested for zeros in, coarse to fine
+_ZERO_SPANS = {span: bytes(span) for span in _SPANS}
+
+
+def nonzero_entries(data: bytes) -> list[tuple[int, int]]:
+    """(index, value) of each big-endian u64 entry of `data` that is not 0.
+
+    Tables of a sparse image are mostly zeros, so the zeros are skipped in C
+    instead of looking at every entry in Python: spans of 8 KiB, then 1 KiB,
+    then 128 bytes are compared with zeros (a memcmp each), and only a span
+    that is not all zero is looked into."""
+    found: list[tuple[int, int]] = []
+    _find_nonzero(data, 0, len(data) // 8 * 8, 0, found)
+    return found
+
+
+def _find_nonzero(data: bytes, lo: int, hi: int, level: int, found: list[tuple[int, int]]) -> None:
+    if level == len(_SPANS):  # a small span: mark its non-zero bytes, then find the entries marked
+        marks = data[lo:hi].translate(_NONZERO_BYTE)
+        pos = marks.find(1)
+        while pos >= 0:
+            at = lo + pos // 8 * 8
+            found.append((at // 8, int.from_bytes(data[at:at + 8], "big")))
+            pos = marks.find(1, at + 8 - lo)
+        return
+    span, zeros = _SPANS[level], _ZERO_SPANS[_SPANS[level]]
+    for start in range(lo, hi, span):
+        if not data.startswith(zeros, start):  # also when less than a span is left: look closer
+            _find_nonzero(data, start, min(start + span, hi), level + 1, found)
+
+
 def decode_refcount_block(data: bytes, order: int) -> list[int] | array:
     """Decode one refcount block of any width 2**order bits (0..6)."""
     bits = 1 << order

@@ -28,7 +28,7 @@ from imgchain.formats.qcow2_tables import (
     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK, ClusterType, classify_l2,
     compressed_extent, decode_refcount_block, decode_u64_table, encode_refcount16, encode_u64,
-    encode_u64_table)
+    encode_u64_table, nonzero_entries)
 
 from .blockfile import BlockFile
 from .chain import close_chain, open_backing_chain
@@ -41,6 +41,7 @@ EXIT_NOT_SUPPORTED = 63
 EIO = "Input/output error"
 BME_OFFSET_MASK, BME_RESERVED_MASK, BME_ALL_ONES = 0x00FFFFFFFFFFFE00, 0xFF000000000001FE, 1
 MAX_L1_ENTRIES = 32 * 1024 * 1024 // 8
+KEPT_L2_ENTRIES = 1 << 18  # at most this many set entries of active L2 tables kept between the passes
 INCOMPAT_OFFSET, REFTABLE_FIELDS_OFFSET = 72, 48
 _JSON_KEYS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
               "corruptions-fixed", "leaks-fixed", "total-clusters", "allocated-clusters",
@@ -134,6 +135,15 @@ def _round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
+# Refcounts of each width (refcount_order 0..6) in memory: an array of the smallest C type that holds them.
+_REFCOUNT_TYPECODES = "BBBBHIQ"
+
+
+def _last_nonzero(counts: array) -> int:
+    """Index of the last non-zero element of `counts`, -1 if there is none (in C, not per element)."""
+    return (len(counts.tobytes().rstrip(b"\0")) + counts.itemsize - 1) // counts.itemsize - 1
+
+
 class _CheckAborted(Exception):
     """The check itself failed: qemu-img prints "Check failed: <strerror>" and no report."""
 
@@ -150,10 +160,21 @@ class _Checker:
         self.l1 = decode_u64_table(file.pread(h.l1_table_offset, h.l1_size * 8))
         table = read_snapshot_table(file, h, res.filename)
         self.snapshots, self.snapshots_size = table.snapshots, table.size
-        self.blocks: dict[int, array | list[int]] = {}  # decoded refcount blocks by offset
-        self.imrt = [0] * (_round_up(file.size(), self.cs) >> self.bits)  # in-memory refcounts
+        self.typecode = _REFCOUNT_TYPECODES[h.refcount_order]
+        self.blocks: dict[int, array] = {}  # decoded refcount blocks by offset
+        self.file_size = file.size()  # kept current by calculate() and the repairs that grow the file
+        self.no_block = self.zeros(self.rb_entries)  # the refcounts where the reftable has no block
+        self.imrt = self.zeros(_round_up(self.file_size, self.cs) >> self.bits)  # in-memory refcounts
         self.protected: list[tuple[str, int, int]] = []  # metadata a rebuild must not overwrite
         self.signaled = self.dead = False  # dead: qemu made the node unusable (no clean close)
+        # The set entries of active L2 tables as counted, by table offset, for check_copied
+        # not to read and scan them again; None once the budget is spent.
+        self.kept_l2: dict[int, list[tuple[int, int]]] | None = {}
+        self.kept_entries = 0
+
+    def zeros(self, count: int) -> array:
+        """`count` refcounts of 0, as the in-memory refcount table holds them."""
+        return array(self.typecode, bytes(max(count, 0) * array(self.typecode).itemsize))
 
     def say(self, line: str) -> None:
         self.res.messages.append(line)
@@ -180,12 +201,13 @@ class _Checker:
     def inc(self, offset: int, size: int) -> None:  # ref: qcow2_inc_refcounts_imrt
         if size <= 0:
             return
-        if offset + size - self.file.size() >= self.cs:
+        if offset + size - self.file_size >= self.cs:
             self.corrupt("ERROR: counting reference for region exceeding the end of the file by one "
                          f"cluster or more: offset {offset:#x} size {size:#x}")
             return
         last = (offset + size - 1) >> self.bits
-        self.imrt.extend([0] * (last + 1 - len(self.imrt)))
+        if last >= len(self.imrt):
+            self.imrt.extend(self.zeros(last + 1 - len(self.imrt)))
         for k in range(offset >> self.bits, last + 1):
             if self.imrt[k] == self.refcount_max:
                 self.corrupt(f"ERROR: overflow cluster offset={k << self.bits:#x}")
@@ -197,6 +219,7 @@ class _Checker:
     def calculate(self, fix: int) -> bool:
         """Count every reference; True if the refcount structure needs a rebuild."""
         h = self.h
+        self.file_size = self.file.size()
         self.inc(0, self.cs)
         self.check_l1(h.l1_table_offset, h.l1_size, fix, frag=True)
         for sn in self.snapshots:
@@ -217,9 +240,7 @@ class _Checker:
         if not size:
             return
         self.inc(offset, size * 8)
-        for entry in decode_u64_table(self.file.pread(offset, size * 8)):
-            if not entry:
-                continue
+        for _, entry in nonzero_entries(self.file.pread(offset, size * 8)):
             if entry & L1E_RESERVED_MASK:
                 self.corrupt(f"ERROR found L1 entry with reserved bits set: {entry:x}")
             l2_offset = entry & L1E_OFFSET_MASK
@@ -230,7 +251,10 @@ class _Checker:
 
     def check_l2(self, l2_offset: int, fix: int, frag: bool) -> None:  # ref: check_refcounts_l2
         next_contiguous = 0
-        for i, entry in enumerate(decode_u64_table(self.file.pread(l2_offset, self.cs))):
+        entries = nonzero_entries(self.file.pread(l2_offset, self.cs))  # 0 is unallocated: nothing to count
+        if frag and not fix & FIX_ERRORS:  # a repair of errors may rewrite entries in this loop
+            self.keep_l2(l2_offset, entries)
+        for i, entry in entries:
             kind = classify_l2(entry)
             if kind is ClusterType.COMPRESSED:
                 self.count_compressed(entry, frag)
@@ -245,6 +269,13 @@ class _Checker:
                     self.res.fragmented_clusters += bool(next_contiguous and offset != next_contiguous)
                     next_contiguous = offset + self.cs
                 self.inc(offset, self.cs)
+
+    def keep_l2(self, l2_offset: int, entries: list[tuple[int, int]]) -> None:
+        self.kept_entries += len(entries)
+        if self.kept_l2 is not None and self.kept_entries <= KEPT_L2_ENTRIES:
+            self.kept_l2[l2_offset] = entries
+        else:
+            self.kept_l2 = None  # over the budget: check_copied reads every table again
 
     def count_compressed(self, entry: int, frag: bool) -> None:
         extent = compressed_extent(entry, self.bits)
@@ -311,7 +342,8 @@ class _Checker:
                 self.corrupt(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} refcount block {i} is outside image")
                 if fix & FIX_ERRORS:  # grow the file so that the block lies inside it
                     self.file.truncate(offset + self.cs)
-                    self.imrt.extend([0] * ((offset >> self.bits) + 1 - len(self.imrt)))
+                    self.file_size = self.file.size()
+                    self.imrt.extend(self.zeros((offset >> self.bits) + 1 - len(self.imrt)))
                     self.res.corruptions -= 1
                     self.res.corruptions_fixed += 1
                     self.inc(offset, self.cs)
@@ -324,18 +356,24 @@ class _Checker:
 
     # -- on-disk refcounts -----------------------------------------------------------------
 
-    def disk_refcount(self, cluster: int) -> int | None:
-        """ref: qcow2_get_refcount; None when the refcount block is unusable."""
-        index = cluster // self.rb_entries
+    def refblock(self, index: int) -> array | None:
+        """The refcounts of reftable entry `index` (all 0 without a block); None when
+        its block is unusable (ref: qcow2_get_refcount)."""
         block = self.reftable[index] & REFT_OFFSET_MASK if index < len(self.reftable) else 0
         if not block:
-            return 0
+            return self.no_block
         if block % self.cs:
             self.signal(f"Refblock offset {_hexalt(block)} unaligned (reftable index: {_hexalt(index)})")
             return None
         if block not in self.blocks:
-            self.blocks[block] = decode_refcount_block(self.file.pread(block, self.cs), self.h.refcount_order)
-        return self.blocks[block][cluster % self.rb_entries]
+            counts = decode_refcount_block(self.file.pread(block, self.cs), self.h.refcount_order)
+            self.blocks[block] = counts if isinstance(counts, array) else array(self.typecode, counts)
+        return self.blocks[block]
+
+    def disk_refcount(self, cluster: int) -> int | None:
+        """ref: qcow2_get_refcount; None when the refcount block is unusable."""
+        counts = self.refblock(cluster // self.rb_entries)
+        return None if counts is None else counts[cluster % self.rb_entries]
 
     def set_refcounts(self, values: dict[int, int]) -> None:
         """Write 16-bit refcounts: the raises first (synced), then the decreases (synced)."""
@@ -349,28 +387,43 @@ class _Checker:
                 self.file.flush()
 
     def compare(self, fix: int) -> tuple[int, bool]:
-        """ref: compare_refcounts. Returns (highest cluster in use, rebuild needed)."""
+        """ref: compare_refcounts. Returns (highest cluster in use, rebuild needed).
+
+        A refcount block that matches the references is passed over as a whole."""
         highest, rebuild, fixes = 0, False, {}
-        for cluster, reference in enumerate(self.imrt):
-            refcount = self.disk_refcount(cluster)
-            if refcount is None:
-                self.say(f"Can't get refcount for cluster {cluster}: {EIO}")
-                self.res.check_errors += 1
+        for start in range(0, len(self.imrt), self.rb_entries):
+            references = self.imrt[start:start + self.rb_entries]
+            counts = self.refblock(start // self.rb_entries)
+            if counts is not None and counts[:len(references)] == references:
+                last = _last_nonzero(references)
+                highest = start + last if last >= 0 else highest
                 continue
-            if refcount or reference:
-                highest = cluster
-            if refcount == reference:
-                continue
-            rebuild = rebuild or refcount == 0
-            fixed = refcount != 0 and bool(fix & (FIX_LEAKS if refcount > reference else FIX_ERRORS))
-            label = "Repairing" if fixed else "ERROR" if refcount < reference else "Leaked"
-            self.say(f"{label} cluster {cluster} refcount={refcount} reference={reference}")
-            if fixed:
-                fixes[cluster] = reference
-            counter = ("leaks" if refcount > reference else "corruptions") + ("_fixed" if fixed else "")
-            setattr(self.res, counter, getattr(self.res, counter) + 1)
+            for cluster in range(start, start + len(references)):
+                highest, rebuild = self.compare_one(cluster, fix, fixes, highest, rebuild)
         self.set_refcounts(fixes)
         return highest, rebuild
+
+    def compare_one(self, cluster: int, fix: int, fixes: dict[int, int], highest: int,
+                    rebuild: bool) -> tuple[int, bool]:
+        """compare() for one cluster: report a refcount that differs from the references
+        (noting its fix in `fixes`). Returns the new (highest, rebuild)."""
+        reference, refcount = self.imrt[cluster], self.disk_refcount(cluster)
+        if refcount is None:
+            self.say(f"Can't get refcount for cluster {cluster}: {EIO}")
+            self.res.check_errors += 1
+            return highest, rebuild
+        if refcount or reference:
+            highest = cluster
+        if refcount == reference:
+            return highest, rebuild
+        fixed = refcount != 0 and bool(fix & (FIX_LEAKS if refcount > reference else FIX_ERRORS))
+        label = "Repairing" if fixed else "ERROR" if refcount < reference else "Leaked"
+        self.say(f"{label} cluster {cluster} refcount={refcount} reference={reference}")
+        if fixed:
+            fixes[cluster] = reference
+        counter = ("leaks" if refcount > reference else "corruptions") + ("_fixed" if fixed else "")
+        setattr(self.res, counter, getattr(self.res, counter) + 1)
+        return highest, rebuild or refcount == 0
 
     # -- rebuilding the refcount structure -------------------------------------------------
 
@@ -381,9 +434,9 @@ class _Checker:
             run = 0 if self.imrt[cluster] else run + 1
             gap = cluster if gap is None and run else gap
             cluster += 1
-        self.imrt.extend([0] * (cluster + count - run - len(self.imrt)))
+        self.imrt.extend(self.zeros(cluster + count - run - len(self.imrt)))
         start = cluster - run
-        self.imrt[start:start + count] = [1] * count
+        self.imrt[start:start + count] = array(self.typecode, [1]) * count
         return start << self.bits, first_free if gap is None else gap
 
     def write_refblocks(self, first: int, end: int, table: list[int]) -> bool:
@@ -403,8 +456,8 @@ class _Checker:
                     grown = True
                 table[index] = offset
             counts = self.imrt[start:start + self.rb_entries]
-            self.guarded_write("refblock", table[index], encode_refcount16(
-                array("H", counts + [0] * (self.rb_entries - len(counts)))))
+            counts.extend(self.zeros(self.rb_entries - len(counts)))
+            self.guarded_write("refblock", table[index], encode_refcount16(counts))
             cluster = start + self.rb_entries
         return grown
 
@@ -453,7 +506,7 @@ class _Checker:
         self.rebuild()
         saved = self.res
         saved.corruptions = saved.leaks = 0
-        self.imrt = [0] * len(self.imrt)
+        self.imrt = self.zeros(len(self.imrt))
         self.calculate(0)
         self.res = CheckResult(saved.filename, saved.format, messages=saved.messages)
         highest, broken = self.compare(FIX_LEAKS)
@@ -488,8 +541,11 @@ class _Checker:
             self.check_copied_l2(l2_offset, repair, label)
 
     def check_copied_l2(self, l2_offset: int, repair: bool, label: str) -> None:
-        table, dirty = decode_u64_table(self.file.pread(l2_offset, self.cs)), 0
-        for j, entry in enumerate(table):
+        entries = self.kept_l2.pop(l2_offset, None) if self.kept_l2 is not None else None
+        if entries is None:
+            entries = nonzero_entries(self.file.pread(l2_offset, self.cs))
+        repaired = []
+        for j, entry in entries:
             if classify_l2(entry) not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 continue
             refcount = self.disk_refcount((entry & L2E_OFFSET_MASK) >> self.bits)
@@ -497,13 +553,15 @@ class _Checker:
                 continue
             self.corrupt(f"{label} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}")
             if repair:
-                table[j] = entry ^ QCOW_OFLAG_COPIED
-                dirty += 1
-        if dirty:
+                repaired.append(j)
+        if repaired:
+            table = decode_u64_table(self.file.pread(l2_offset, self.cs))
+            for j in repaired:
+                table[j] ^= QCOW_OFLAG_COPIED
             self.file.pwrite(l2_offset, encode_u64_table(table))
             self.file.flush()
-            self.res.corruptions -= dirty
-            self.res.corruptions_fixed += dirty
+            self.res.corruptions -= len(repaired)
+            self.res.corruptions_fixed += len(repaired)
 
     def run(self, fix: int) -> CheckResult:
         """ref: qcow2_check_refcounts. Raises _CheckAborted where that returns an error."""

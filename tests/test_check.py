@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from imgchain import FormatError, ImgchainError, open_chain
+from imgchain import check as check_module
 from imgchain.check import CheckResult, check_image
 from imgchain.create import create_image
 from imgchain.formats import ReadOnlyImage
@@ -263,6 +264,92 @@ def test_lazy_refcounts_crash(tmp_path: Path) -> None:
     result = assert_same_repair(path, "all", tmp_path)
     assert "Rebuilding refcount structure" in result.messages and result.exit_code() == 0
     assert struct.unpack_from(">Q", (tmp_path / "ours" / path.name).read_bytes(), 72)[0] == 0
+
+
+# -- a large sparse image: 1 TiB virtual, written at random by qemu-io ------------------
+
+
+def head(path: Path) -> bytes:
+    """The header of a qcow2 v3 image, without reading the (large) rest."""
+    with open(path, "rb") as f:
+        return f.read(104)
+
+
+def refcount_entries(path: Path) -> list[int]:
+    """The (16-bit) refcounts of every cluster the file holds, read from its refcount blocks."""
+    header = head(path)
+    cs = 1 << struct.unpack_from(">I", header, 20)[0]
+    table_offset, table_clusters = struct.unpack_from(">QI", header, 48)
+    with open(path, "rb") as f:
+        clusters, per_block = -(-path.stat().st_size // cs), cs // 2
+        f.seek(table_offset)
+        table = struct.unpack(f">{table_clusters * cs // 8}Q", f.read(table_clusters * cs))
+        counts: list[int] = []
+        for block in table[:-(-clusters // per_block)]:
+            f.seek(block & ~0x1FF)
+            counts += struct.unpack(f">{per_block}H", f.read(cs)) if block else [0] * per_block
+    return counts[:clusters]
+
+
+@pytest.fixture(scope="module", params=[65536, 4096])
+def sparse_tib(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A 1 TiB image with 1500 random 4 KiB writes (most in clusters and L2 tables of
+    their own), then 12 of the clusters written discarded, freeing them inside the file.
+    With 4 KiB clusters the L1 table has 512 Ki entries and the refcounts take several
+    refcount blocks."""
+    path = tmp_path_factory.mktemp("tib") / "tib.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={request.param}", path, "1T", check=True)
+    rng = random.Random(11)
+    offsets = [rng.randrange(1 << 40 >> 16) << 16 for _ in range(1500)]
+    script = "".join(f"write -P {i % 250 + 1} {offset + 4096 * (i % 16)} 4k\n" for i, offset in enumerate(offsets))
+    script += "".join(f"discard {offset} 64k\n" for offset in offsets[1480:1492])
+    proc = subprocess.run(["qemu-io", "-t", "unsafe", "-f", "qcow2", str(path)], input=script,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout[-500:] + proc.stderr
+    return path
+
+
+def test_large_sparse_image(sparse_tib: Path) -> None:
+    result = assert_same_check(sparse_tib)
+    bits = struct.unpack_from(">I", head(sparse_tib), 20)[0]
+    assert (result.exit_code(), result.total_clusters, result.allocated_clusters) == (0, 1 << 40 >> bits, 1488)
+
+
+def test_large_sparse_image_with_leaks(sparse_tib: Path, tmp_path: Path) -> None:
+    """The clusters the discards freed get a refcount of 1 again: leaks qemu-img reports
+    and repairs cluster by cluster, far apart in the file."""
+    path = tmp_path / sparse_tib.name
+    shutil.copy(sparse_tib, path)
+    free = [cluster for cluster, count in enumerate(refcount_entries(path)) if count == 0]
+    assert len(free) == 12
+    for cluster in free:
+        set_refcount(path, cluster, 1)
+    result = assert_same_check(path)
+    assert (result.exit_code(), result.leaks) == (3, 12)
+    assert assert_same_repair(path, "leaks", tmp_path).leaks_fixed == 12
+
+
+@pytest.mark.parametrize("kept", [check_module.KEPT_L2_ENTRIES, 100])
+def test_large_sparse_image_with_corruptions(sparse_tib: Path, tmp_path: Path, kept: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data cluster with refcount 0 (needs a rebuild), one with refcount 2 (a leak
+    and an OFLAG_COPIED error), and an L2 entry with a reserved bit set. With `kept`
+    at 100, the OFLAG_COPIED pass reads the L2 tables again instead of reusing them."""
+    monkeypatch.setattr(check_module, "KEPT_L2_ENTRIES", kept)
+    path = tmp_path / sparse_tib.name
+    shutil.copy(sparse_tib, path)
+    bits, l1_offset = struct.unpack_from(">I16xQ", head(path), 20)
+    data = json.loads(qemu_img("map", "--output=json", path, check=True).stdout)
+    hosts = [extent["offset"] for extent in data if extent["data"]]
+    set_refcount(path, hosts[10] >> bits, 0)
+    set_refcount(path, hosts[500] >> bits, 2)
+    guest = next(extent["start"] for extent in data if extent["data"] and extent["offset"] == hosts[900])
+    with open(path, "rb") as f:
+        f.seek(l1_offset + 8 * (guest >> bits >> (bits - 3)))
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    patch(path, l2_offset + 8 * (guest >> bits & (1 << bits - 3) - 1), u64(0x8000000000000002 | hosts[900]))
+    result = assert_same_check(path)
+    assert (result.exit_code(), result.corruptions, result.leaks) == (2, 4, 1)
 
 
 # -- images from qemu-img and from imgchain's writer -------------------------------------

@@ -1,9 +1,22 @@
-"""The command line's modules import one way: main -> images, mount, jobs -> common; snapshot -> jobs."""
+"""The command line's modules import one way: main -> images, mount, jobs -> common; snapshot -> jobs.
+
+And a command loads only what it needs: the offline tools neither pyfuse3 nor
+the job engine (trio), an offline commit not pyfuse3.
+"""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+
+from imgchain.cli.main import COMMAND_MODULES, main
+
+from .conftest import qemu_img, qemu_io
 
 CLI = Path(__file__).resolve().parent.parent / "cli"
 
@@ -29,3 +42,66 @@ def test_common_imports_no_command_module() -> None:
 def test_jobs_does_not_import_snapshot() -> None:
     """cli/snapshot.py uses cli/jobs.py's mount lookup; never the other way round."""
     assert "snapshot" not in sibling_imports(CLI / "jobs.py")
+
+
+# -- what a command loads ------------------------------------------------------------
+
+# Run one command in a fresh interpreter, then print the names of the modules it loaded.
+PROBE = """
+import sys
+from imgchain.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("\\nMODULES " + " ".join(sorted(sys.modules)))
+"""
+# What only a mount or a job engine needs; an offline tool must not pay for importing them.
+MOUNT_AND_JOBS = {"pyfuse3", "trio", "imgchain.jobs", "imgchain.daemon", "imgchain.qmp", "imgchain.fuse.daemon",
+                  "imgchain.cli.jobs", "imgchain.cli.mount", "imgchain.cli.snapshot"}
+
+
+def loaded_by(*args: str | Path) -> set[str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True)
+    last = proc.stdout.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("MODULES "), proc.stdout + proc.stderr
+    return set(last.split()[1:])
+
+
+@pytest.fixture
+def overlay(tmp_path: Path) -> Path:
+    """base.qcow2 (data at 0) <- top.qcow2 (data at 1 MiB), made by qemu-img and qemu-io."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "4M", check=True)
+    qemu_io(tmp_path / "base.qcow2", "write -P 1 0 64k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "top.qcow2", check=True)
+    qemu_io(tmp_path / "top.qcow2", "write -P 2 1M 64k")
+    return tmp_path / "top.qcow2"
+
+
+def test_offline_tools_load_neither_fuse_nor_the_job_engine(overlay: Path) -> None:
+    base = overlay.with_name("base.qcow2")
+    commands = [("create", "-q", overlay.with_name("new.qcow2"), "1M"), ("info", overlay),
+                ("info", "--output", "json", "--backing-chain", overlay), ("check", overlay),
+                ("check", "--output", "json", overlay), ("map", overlay), ("compare", overlay, base),
+                ("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", overlay)]
+    for args in commands:
+        modules = loaded_by(*args)
+        assert "imgchain.cli.images" in modules, args
+        assert not modules & MOUNT_AND_JOBS, (args, modules & MOUNT_AND_JOBS)
+
+
+def test_offline_commit_loads_the_job_engine_but_not_fuse(overlay: Path) -> None:
+    modules = loaded_by("commit", "-q", overlay)
+    assert {"trio", "imgchain.jobs.offline"} <= modules  # it did run the job in-process
+    assert not modules & {"pyfuse3", "imgchain.fuse.daemon", "imgchain.cli.mount", "imgchain.cli.images"}
+    assert qemu_img("map", "--output=json", overlay.with_name("base.qcow2")).stdout.count('"data": true') == 2
+
+
+def test_every_command_is_named_in_the_lazy_table() -> None:
+    """cli/main.py's table of which module holds which command is the commands' real home."""
+    for module in COMMAND_MODULES:
+        importlib.import_module(module, "imgchain.cli")
+    assert set(main.commands) == set(main.lazy)
+    for name, command in main.commands.items():
+        assert command.callback is not None
+        assert command.callback.__module__ == "imgchain.cli" + main.lazy[name], name
