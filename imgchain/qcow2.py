@@ -58,9 +58,7 @@ ReadBelow = Callable[[int, int], bytes]
 
 AUTOCLEAR_OFFSET = 88
 INCOMPAT_OFFSET = 72
-L2_CACHE_BYTES = 32 * 1024 * 1024
 _IN_PLACE_MASK = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | 1  # NORMAL with COPIED, not zero
-MAX_DIRTY_TABLES = 256  # write back early when this many L2 tables are dirty
 
 _STATUS = {
     ClusterType.UNALLOCATED: Status.UNALLOCATED,
@@ -109,7 +107,8 @@ class Qcow2Driver:
         self.geo = Geometry(self.header.cluster_bits, self.header.refcount_order)
         self.l1: array = decode_u64_table(
             file.pread(self.header.l1_table_offset, self.header.l1_size * 8))
-        self.l2_cache: MetadataCache[array] = MetadataCache(L2_CACHE_BYTES // self.geo.cluster_size)
+        # Decoded L2 tables, in the process's bounded pool (imgchain.metacache).
+        self.l2_cache: MetadataCache[array] = MetadataCache(self.geo.cluster_size)
         self.refcounts: RefcountManager | None = None
         self.pending = PendingMetadata()
         self.ordered = True  # issue barriers between dependent writes
@@ -407,8 +406,11 @@ class Qcow2Driver:
         for i, e in updates.items():
             table[i] = e
         self.pending.mark_l2(l2_offset, table, min(updates), max(updates))
-        if len(self.pending.l2) > MAX_DIRTY_TABLES:
-            self.write_back()
+        # The pool may have let this table go (and loaded a copy) while the
+        # write read from below: the one it keeps must be the one changed.
+        self.l2_cache.put(l2_offset, table)
+        if len(self.pending.l2) > self.l2_cache.dirty_limit():
+            self.write_back()  # dirty tables stay in memory: their bytes are bounded too
 
     def write_back(self) -> None:
         """Write pending metadata in crash-safe order (qcow2_pending); the
@@ -512,6 +514,9 @@ class Qcow2Driver:
                 self.file.flush()
         finally:
             self.file.close()
+            self.l2_cache.close()
+            if self.refcounts is not None:
+                self.refcounts.blocks.close()
 
 
 def _run_extent(start: int, end: int, status: Status, host: int, cluster_size: int) -> Extent:
