@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from array import array
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -52,6 +53,9 @@ FD_MASK = (1 << FD_BITS) - 1
 _HOST_LIMIT = 1 << (63 - FD_BITS + 9)  # host offsets an entry can hold (4 PiB)
 # What a group costs: the array, its key and its ordered-dict slot.
 GROUP_BYTES = array("q", bytes(16 * FILL_CLUSTERS)).__sizeof__() + 160
+
+
+ALLOCATION_TTL = 1.0  # seconds an allocated_file_size answer is reused
 
 
 def map_entry(fd: int, host: int) -> int:
@@ -113,6 +117,8 @@ class BlockBackend:
         self.size = root.size
         # The root's file descriptor, for write_now; changes with the root.
         self._root_fd: int = root.driver.file.fd  # type: ignore[attr-defined]
+        # allocated_file_size's last answer and when it was taken (monotonic).
+        self._allocation = (0, -ALLOCATION_TTL)
 
     # -- requests ---------------------------------------------------------
 
@@ -352,6 +358,20 @@ class BlockBackend:
         changes, and after a job writes into a node the maps resolve
         through; the end of every drain does it too)."""
         self._groups.clear()
+        self._allocation = (0, -ALLOCATION_TTL)
+
+    def allocated_file_size(self) -> int:
+        """Bytes the chain's image files take on the host: the sum of their
+        allocated blocks (QEMU's bdrv_get_allocated_file_size, over the
+        whole chain the device reads through). One fstat per file, at most
+        once per ALLOCATION_TTL and again after every graph change."""
+        size, taken = self._allocation
+        now = time.monotonic()
+        if now - taken >= ALLOCATION_TTL:
+            size = sum(os.fstat(node.driver.file.fd).st_blocks  # type: ignore[attr-defined]
+                       for node in self.root.chain()) * 512
+            self._allocation = (size, now)
+        return size
 
     def mapped_clusters(self) -> int:
         """How many clusters the read map knows (mapped, ZERO or UNMAPPABLE)."""
