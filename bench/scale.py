@@ -13,7 +13,8 @@ Two measures, each run --repeat times, exporters interleaved run by run:
 - `memory`: the daemon's peak RSS (VmHWM of /proc/PID/status) after
   --runtime seconds of fio 4 KiB random reads and writes (50/50, libaio, queue
   depth 16) over the whole virtual size of a fresh two-layer qcow2 chain of
-  --huge (default 1T; also a --layers deep one), for imgchain at its default
+  --huge (default 1T) and of a --layers deep one (16 GiB, a table of every
+  layer in every 512 MiB), for imgchain at its default
   --cache-size and at each size in --cache-sizes, and for qemu-storage-daemon
   (qcow2 defaults, FUSE export) on the same chain.
 
@@ -41,12 +42,14 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 import run as bench  # bench/run.py: exporters, fio, pinning, the section writer
+from imgchain.chain import open_image
 
 sys.path.insert(0, str(bench.BENCH.parent / "testimages"))
 import build_chain  # noqa: E402
 
 READ_JOBS = [bench.Job("4k randread qd1 psync", "randread", "4k", "psync", 1),
              bench.Job("4k randread qd16 libaio", "randread", "4k", "libaio", 16)]
+L2_SPAN = 512 << 20  # guest bytes one L2 table of 64 KiB clusters maps
 MIXED = bench.Job("4k randrw qd16 libaio", "randrw", "4k", "libaio", 16)
 
 
@@ -120,12 +123,21 @@ def peak_rss(pid: int, run: Callable[[], object]) -> tuple[int, int]:
 
 
 def build_huge(work: Path, size: str, layers: int) -> Path:
-    """A fresh chain of `layers` empty qcow2 images of virtual size `size`."""
+    """A fresh chain of `layers` qcow2 images of virtual size `size`. Two layers are empty; a
+    deeper chain has one 4 KiB write per layer in every 512 MiB (one L2 table's range), so that
+    a read anywhere resolves through an L2 table of every layer."""
     below = None
     for i in range(layers):
         image = work / f"huge{i}.qcow2"
         backing = ["-b", str(below), "-F", "qcow2"] if below else []
         bench.run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(image), size])
+        if layers > 2:
+            node = open_image(str(image), writable=True)
+            try:
+                for span in range(0, node.size, L2_SPAN):
+                    node.write(span + i * bench.CLUSTER, bytes([i + 1]) * 4096)
+            finally:
+                node.close()
         below = image
     assert below is not None
     return below
@@ -172,7 +184,7 @@ def memory_run(work: Path, size: str, layers: int, exporter: str, cache_size: st
 
 
 def memory(args: argparse.Namespace, work: Path) -> str:
-    cases = [(s, 2) for s in args.huge.split(",")] + [("1G", args.layers)]
+    cases = [(s, 2) for s in args.huge.split(",")] + [("16G", args.layers)]
     sides = [("imgchain", None)] + [("imgchain", c) for c in args.cache_sizes.split(",") if c] + [("qsd", None)]
     rows = []
     for size, layers in cases:
@@ -187,7 +199,10 @@ def memory(args: argparse.Namespace, work: Path) -> str:
     return "\n".join([
         "### Memory: the daemon's peak RSS\n",
         f"Measured {bench.machine_line()}\n",
-        f"Each run: a fresh chain of empty qcow2 images (64 KiB clusters), fio 4 KiB random reads and writes "
+        f"Each run: a fresh chain of qcow2 images (64 KiB clusters): two empty layers of each size in "
+        f"--huge, and {args.layers} layers of 16 GiB, each with one 4 KiB write in every 512 MiB (so every "
+        f"read resolves through {args.layers} L2 tables: {args.layers * 32 * 64 // 1024} MiB of them in "
+        f"all). fio 4 KiB random reads and writes "
         f"(--rw=randrw, libaio, queue depth 16, --direct=1) over the whole virtual size for {args.runtime} s; "
         f"RSS from /proc/PID/status (VmRSS after the mount, VmHWM after fio: the highest over the "
         f"{args.repeat} runs). qsd: qemu-storage-daemon with the qcow2 defaults and a FUSE export of the top.\n",

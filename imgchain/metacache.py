@@ -8,7 +8,8 @@ behind a driver call `invalidate`. Never an `lru_cache` on methods.
 
 Every `MetadataCache` of the process draws on one `CachePool`, a
 least-recently-used set of tables bounded in bytes, whatever the number of
-images open: QEMU's qcow2 `cache-size` option, but for the whole chain (a
+images open (locked: a node dropped by a job is closed, and its last metadata
+written back, in a worker thread while the loop goes on): QEMU's qcow2 `cache-size` option, but for the whole chain (a
 2000-layer chain costs what a one-layer chain does). `set_cache_size`
 divides the process's budget between the pool and the block backends'
 cluster maps (imgchain.backend); a mount sets it from `--cache-size`.
@@ -16,6 +17,7 @@ cluster maps (imgchain.backend); a mount sets it from `--cache-size`.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from itertools import count
 from typing import Callable, Generic, TypeVar
@@ -38,6 +40,7 @@ class CachePool:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
+        self.lock = threading.Lock()  # every change of tables and used, and every lookup
         # (cache slot << _SLOT_SHIFT | host offset) -> table, least recently used first.
         self.tables: OrderedDict[int, object] = OrderedDict()
         # Slot -> bytes per table of that cache. No reference to the caches
@@ -48,43 +51,69 @@ class CachePool:
 
     def register(self, entry_bytes: int) -> int:
         """A new cache's key base (its slot in the keys' high bits)."""
-        slot = next(self._slots)
-        self._entry_bytes[slot] = entry_bytes
+        with self.lock:
+            slot = next(self._slots)
+            self._entry_bytes[slot] = entry_bytes
         return slot << _SLOT_SHIFT
 
     def unregister(self, key_base: int) -> None:
-        self.drop_all(key_base)
-        self._entry_bytes.pop(key_base >> _SLOT_SHIFT, None)
+        with self.lock:
+            self._drop_all(key_base)
+            self._entry_bytes.pop(key_base >> _SLOT_SHIFT, None)
+
+    def lookup(self, key: int) -> object | None:
+        """The table under `key`, now the most recently used; None if absent."""
+        with self.lock:
+            table = self.tables.get(key)
+            if table is not None:
+                self.tables.move_to_end(key)
+            return table
 
     def add(self, key: int, table: object) -> None:
-        if key in self.tables:
-            self.tables.move_to_end(key)
-        else:
-            self.used += self._entry_bytes[key >> _SLOT_SHIFT]
-        self.tables[key] = table
-        self.shrink()
+        with self.lock:
+            if key in self.tables:
+                self.tables.move_to_end(key)
+            else:
+                self.used += self._entry_bytes[key >> _SLOT_SHIFT]
+            self.tables[key] = table
+            self._shrink()
 
     def drop(self, key: int) -> None:
+        with self.lock:
+            self._drop(key)
+
+    def drop_all(self, key_base: int) -> None:
+        with self.lock:
+            self._drop_all(key_base)
+
+    def keys_of(self, key_base: int) -> list[int]:
+        with self.lock:
+            return self._keys_of(key_base)
+
+    def resize(self, capacity: int) -> None:
+        with self.lock:
+            self.capacity = capacity
+            self._shrink()
+
+    # The lock is held by the callers of these.
+
+    def _drop(self, key: int) -> None:
         if self.tables.pop(key, None) is not None:
             self.used -= self._entry_bytes[key >> _SLOT_SHIFT]
 
-    def drop_all(self, key_base: int) -> None:
-        for key in self.keys_of(key_base):
-            self.drop(key)
+    def _drop_all(self, key_base: int) -> None:
+        for key in self._keys_of(key_base):
+            self._drop(key)
 
-    def keys_of(self, key_base: int) -> list[int]:
+    def _keys_of(self, key_base: int) -> list[int]:
         return [k for k in self.tables if k & ~_OFFSET_MASK == key_base]
 
-    def shrink(self) -> None:
+    def _shrink(self) -> None:
         """Evict least recently used tables until the pool fits."""
         tables = self.tables
         while self.used > self.capacity and len(tables) > 1:
             key, _ = tables.popitem(last=False)
             self.used -= self._entry_bytes[key >> _SLOT_SHIFT]
-
-    def resize(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.shrink()
 
 
 POOL = CachePool(DEFAULT_CACHE_SIZE - DEFAULT_CACHE_SIZE // MAP_SHARE)
@@ -120,13 +149,10 @@ class MetadataCache(Generic[T]):
     def get(self, host_offset: int, load: Callable[[int], T]) -> T:
         """The table at host_offset, loaded with `load` on a miss."""
         key = self.key_base | host_offset
-        tables = self.pool.tables
-        table = tables.get(key)
+        table = self.pool.lookup(key)
         if table is None:
             table = load(host_offset)
             self.pool.add(key, table)
-        else:
-            tables.move_to_end(key)
         return table  # type: ignore[return-value]
 
     def put(self, host_offset: int, table: T) -> None:
