@@ -391,6 +391,9 @@ class Qcow2Driver:
         parts of a new cluster that a partial write [lo, hi) leaves to copy."""
         end = guest + self.geo.cluster_size
         if kind is ClusterType.UNALLOCATED:
+            if guest < lo and hi < end:  # both: one read of the cluster below, not two walks
+                whole = memoryview(read_below(guest, end - guest))
+                return whole[:lo - guest], whole[hi - guest:]
             head = read_below(guest, lo - guest) if lo > guest else b""
             return head, read_below(hi, end - hi) if hi < end else b""
         if kind is ClusterType.COMPRESSED:
