@@ -241,7 +241,9 @@ class BlockBackend:
             if entry == UNMAPPABLE:
                 return False
             n = min(end, (index + 1) << bits) - pos
-            fd, host = ((entry & FD_MASK) - 1, (entry >> FD_BITS << 9) + (pos & self._map_mask)) if entry > 0 else (-1, 0)
+            fd, host = -1, 0  # zeros
+            if entry > 0:
+                fd, host = (entry & FD_MASK) - 1, (entry >> FD_BITS << 9) + (pos & self._map_mask)
             if runs and runs[-1][0] == fd and (fd < 0 or runs[-1][1] + runs[-1][2] == host):
                 runs[-1][2] += n
             else:
@@ -258,9 +260,10 @@ class BlockBackend:
 
     def _fill_map(self, index: int) -> int:
         """Resolve the group of FILL_CLUSTERS clusters around `index` in one
-        pass through the chain (one block-status walk per layer, not one per
-        cluster), mapping every cluster that is one run of data and marking
-        the others UNMAPPABLE; returns the read slot of `index`. If the group
+        pass through the chain (one block-status call per layer, not one per
+        cluster), mapping every cluster that is one run of data or reads as
+        zeros and marking the others UNMAPPABLE; returns the read slot of
+        `index`. If the group
         holds a corrupt entry, only the cluster asked for is resolved: a read
         of a sound cluster never fails for its neighbour's sake."""
         first = index & -FILL_CLUSTERS
