@@ -77,26 +77,42 @@ def chain_files(top: Path) -> list[Path]:
     return [Path(i["filename"]) for i in info]
 
 
-def read_iops(image: Path, files: list[Path], job: bench.Job, size: int, runtime: int, ramp: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User and system time of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def read_iops(image: Path, files: list[Path], job: bench.Job, size: int, runtime: int,
+              ramp: int) -> tuple[float, float]:
+    """IOPS, and the daemon's CPU time per request in µs (ramp included: an upper bound)."""
     bench.warm(files)
     mnt = image.parent.parent / "mnt"
-    with bench.imgchain_export(image, mnt):
+    with bench.imgchain_export(image, mnt) as pid:
         bench.run(["dd", f"if={mnt}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"])  # first touch
-        return bench.run_fio(job, mnt, size, runtime, ramp).iops
+        before = cpu_seconds(pid)
+        iops = bench.run_fio(job, mnt, size, runtime, ramp).iops
+        return iops, (cpu_seconds(pid) - before) * 1e6 / (iops * (runtime + ramp))
 
 
 def deep(args: argparse.Namespace, work: Path) -> str:
     top, flat = build_deep(work, args.layers, args.size)
     files = {top: chain_files(top), flat: [flat]}
     results: dict[str, list[tuple[float, float]]] = {j.name: [] for j in READ_JOBS}
+    cpu: dict[str, list[tuple[float, float]]] = {j.name: [] for j in READ_JOBS}
     for r in range(args.repeat):
         for job in READ_JOBS:
-            d = read_iops(top, files[top], job, args.size, args.runtime, args.ramp)
-            f = read_iops(flat, files[flat], job, args.size, args.runtime, args.ramp)
-            bench.log(f"run {r + 1} {job.name}: {args.layers} layers {d:,.0f} IOPS, one layer {f:,.0f} IOPS")
+            d, d_cpu = read_iops(top, files[top], job, args.size, args.runtime, args.ramp)
+            f, f_cpu = read_iops(flat, files[flat], job, args.size, args.runtime, args.ramp)
+            bench.log(f"run {r + 1} {job.name}: {args.layers} layers {d:,.0f} IOPS ({d_cpu:.1f} µs CPU), "
+                      f"one layer {f:,.0f} IOPS ({f_cpu:.1f} µs CPU)")
             results[job.name].append((d, f))
+            cpu[job.name].append((f_cpu, d_cpu))
     rows = [f"| {name} | {statistics.median(p[0] for p in pairs):,.0f} | "
-            f"{statistics.median(p[1] for p in pairs):,.0f} | {median_ratio(pairs)} |"
+            f"{statistics.median(p[1] for p in pairs):,.0f} | {median_ratio(pairs)} | "
+            f"{statistics.median(c[1] for c in cpu[name]):.1f} | {statistics.median(c[0] for c in cpu[name]):.1f} | "
+            f"{median_ratio(cpu[name])} |"
             for name, pairs in results.items()]
     pin = f"fio and the daemon pinned to CPU {args.pin}" if args.pin is not None else "not pinned"
     return "\n".join([
@@ -107,9 +123,12 @@ def deep(args: argparse.Namespace, work: Path) -> str:
         f"(testimages/build_chain.py); one layer: `qemu-img convert -O qcow2` of it. fio --direct=1, "
         f"{args.runtime} s after {args.ramp} s of ramp, files read into the page cache first and the "
         f"mounted file read once whole before fio (dd, 1 MiB direct: the first touch); {pin}. "
-        f"Median of {args.repeat} runs; the ratio is taken run by run (median, min-max).\n",
-        f"| job | {args.layers} layers IOPS | one layer IOPS | {args.layers} layers / one layer |",
-        "|---|---:|---:|---:|", *rows, "", "Command:", "", "```sh",
+        f"Median of {args.repeat} runs; the ratios are taken run by run (median, min-max). CPU: the "
+        f"daemon's user and system time (/proc/PID/stat) over fio's run, ramp included, per request; "
+        f"steadier than IOPS when other processes share the CPU.\n",
+        f"| job | {args.layers} layers IOPS | one layer IOPS | {args.layers} layers / one layer IOPS | "
+        f"{args.layers} layers CPU µs/request | one layer CPU µs/request | one layer / {args.layers} layers CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows, "", "Command:", "", "```sh",
         f".venv/bin/python bench/scale.py {' '.join(sys.argv[1:])}", "```"])
 
 
