@@ -409,12 +409,29 @@ class BlockBackend:
                 await self.debug.delay(node, "write", offset, len(data))
             elif self.write_now(offset, data):
                 return
-            self._unmap(offset, len(data))
-            node.write(offset, data)
+            try:  # nothing else runs before the maps forget what the write moves
+                node.write(offset, data, self._read_below)
+            finally:
+                self._unmap(offset, len(data))
             self._notify_write(offset, len(data))
             self._note_in_place(offset, len(data))
         finally:
             self._end()
+
+    def _read_below(self, offset: int, length: int) -> bytes | bytearray:
+        """A copy-on-write's source: the bytes of a range of one cluster that
+        the root does not hold, which is what the root shows there now: one
+        pread through the map (filled if need be), not a walk down the chain."""
+        index = offset >> self._map_bits
+        if (offset + length - 1) >> self._map_bits == index and offset + length <= self.size:
+            entry = self._lookup(index)
+            if entry == ZERO:
+                return bytes(length)
+            if entry > 0:
+                data = os.pread((entry & FD_MASK) - 1, length, (entry >> FD_BITS << 9) + (offset & self._map_mask))
+                if len(data) == length:
+                    return data
+        return self.root.read_below(offset, length)
 
     def _note_in_place(self, offset: int, length: int) -> None:
         """After a write inside one cluster, remember where it now lives: in

@@ -155,6 +155,10 @@ class MetadataCache(Generic[T]):
             self.pool.add(key, table)
         return table  # type: ignore[return-value]
 
+    def peek(self, host_offset: int) -> T | None:
+        """The table at host_offset if the pool holds it (never loaded)."""
+        return self.pool.lookup(self.key_base | host_offset)  # type: ignore[return-value]
+
     def put(self, host_offset: int, table: T) -> None:
         self.pool.add(self.key_base | host_offset, table)
 

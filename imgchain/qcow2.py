@@ -161,18 +161,42 @@ class Qcow2Driver:
     def _load_l2(self, offset: int) -> array:
         return decode_u64_table(self.file.pread(offset, self.geo.cluster_size))
 
-    def l2_table(self, l1_index: int) -> tuple[int, array | None]:
-        """(host offset, entries) of the L2 table for one L1 index, (0, None) if none."""
+    def _l2_offset(self, l1_index: int) -> int:
+        """Host offset of the L2 table of one L1 index, 0 if none (checked)."""
         if not 0 <= l1_index < len(self.l1):
             raise CorruptImage(self.filename, f"guest offset beyond the L1 table (index {l1_index})")
         offset = l1_l2_offset(self.l1[l1_index])
-        if not offset:
-            return 0, None
         if offset % self.geo.cluster_size:
             raise CorruptImage(self.filename,
                                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+        return offset
+
+    def l2_table(self, l1_index: int) -> tuple[int, array | None]:
+        """(host offset, entries) of the L2 table for one L1 index, (0, None) if none."""
+        offset = self._l2_offset(l1_index)
+        if not offset:
+            return 0, None
         dirty = self.pending.table(offset)
         return offset, dirty if dirty is not None else self.l2_cache.get(offset, self._load_l2)
+
+    def _l2_slice(self, l1_index: int, index: int, count: int) -> array | None:
+        """Entries index..index+count-1 of the L2 table of one L1 index (None
+        if there is no table): from the table in memory when it is there
+        (dirty, or in the pool), else read from the file alone, without
+        loading the whole table into the pool. Block status needs a few
+        entries of a table at a time (a miss of the backend's maps, 64 of
+        8192), and a chain deeper than the pool holds would otherwise load
+        and decode a whole table of every layer for each (QEMU's answer is
+        l2-cache-entry-size). A table not in memory is clean: the file has it."""
+        offset = self._l2_offset(l1_index)
+        if not offset:
+            return None
+        table = self.pending.table(offset)
+        if table is None:
+            table = self.l2_cache.peek(offset)
+        if table is not None:
+            return table[index:index + count]
+        return decode_u64_table(self.file.pread(offset + 8 * index, 8 * count))
 
     def l2_entry(self, guest_offset: int) -> int:
         _, table = self.l2_table(self.geo.l1_index(guest_offset))
@@ -195,16 +219,18 @@ class Qcow2Driver:
         pos = offset
         while pos < end:
             stop = min(end, (pos // span + 1) * span)
-            _, table = self.l2_table(self.geo.l1_index(pos))
-            if table is None:  # a whole L2 range unallocated: one step
+            entries = self._l2_slice(self.geo.l1_index(pos), self.geo.l2_index(pos),
+                                     ((stop - 1) >> bits) - (pos >> bits) + 1)
+            if entries is None:  # a whole L2 range unallocated: one step
                 _append_extent(out, Extent(pos, stop - pos, Status.UNALLOCATED))
             else:
-                self._slice_status(out, table, pos, stop)
+                self._slice_status(out, entries, pos, stop)
             pos = stop
         return out
 
-    def _slice_status(self, out: list[Extent], table: array, start: int, stop: int) -> None:
-        """Append the extents of [start, stop), a range inside one L2 table.
+    def _slice_status(self, out: list[Extent], entries: array, start: int, stop: int) -> None:
+        """Append the extents of [start, stop), a range inside one L2 table
+        whose entries from `start`'s on are `entries`.
 
         One pass over the entries, making an Extent only where a run breaks.
         `next_entry` is the entry that would continue the run with the same
@@ -212,8 +238,7 @@ class Qcow2Driver:
         most entries cost one comparison; any other entry is classified."""
         bits = self.geo.cluster_bits
         cs = 1 << bits
-        first, index = start >> bits, self.geo.l2_index(start)
-        entries = table[index:index + ((stop - 1) >> bits) - first + 1]
+        first = start >> bits
         run_start, run_status, run_host = start, None, 0
         next_entry = step = -1
         for i, entry in enumerate(entries):
@@ -240,7 +265,8 @@ class Qcow2Driver:
             _append_extent(out, _run_extent(run_start, stop, run_status, run_host, cs))
 
     def _cluster_status(self, offset: int, length: int) -> Extent:
-        entry = self.l2_entry(offset)
+        entries = self._l2_slice(self.geo.l1_index(offset), self.geo.l2_index(offset), 1)
+        entry = entries[0] if entries is not None else 0
         kind = classify_l2(entry)
         if kind is ClusterType.COMPRESSED:
             return Extent(offset, length, Status.COMPRESSED, compressed_extent(entry, self.geo.cluster_bits).host_offset)
