@@ -23,13 +23,13 @@ import click
 
 
 from imgchain.errors import ImgchainError
-from imgchain.fuse.options import MountOptions
+from imgchain.fuse.options import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, MountOptions
 from imgchain.fuse.recovery import connection_dead, is_dead_mount, is_imgchain_mount, recover
 from imgchain.qmp_client import QmpClient, QmpClientError
 from imgchain.runtime import (MountRecord, create_log, current_records, find_by_mountpoint,
                               open_private, runtime_dir, signal_daemon)
 
-from .common import main, notice, output_option, trust_backing_option, user_errors
+from .common import main, notice, output_option, parse_size, trust_backing_option, user_errors
 
 START_TIMEOUT = 120
 STOP_TIMEOUT = 300
@@ -45,7 +45,7 @@ def _daemon_argv(opts: MountOptions) -> list[str]:
     # clone's imgchain/ folder (which holds neither formats/ nor fuse/) cannot
     # shadow the installed package.
     argv = [sys.executable, "-P", "-m", "imgchain.fuse.daemon", opts.image, opts.mountpoint,
-            "--device-name", opts.device]
+            "--device-name", opts.device, "--cache-size", str(opts.cache_size)]
     for flag, on in (("--read-only", opts.read_only), ("--allow-other", opts.allow_other),
                      ("--trust-backing", opts.trust_backing)):
         if on:
@@ -190,15 +190,19 @@ def _stop(record: MountRecord, mountpoint: str) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users access the file.")
 @click.option("--qmp", "qmp", metavar="SOCKET", help="Control socket path (default: in the runtime directory).")
 @click.option("--device-name", default="drive0", show_default=True, help="The export's device name.")
+@click.option("--cache-size", "cache_size", metavar="SIZE", default=f"{DEFAULT_CACHE_SIZE >> 20}M", show_default=True,
+              help="Bytes of metadata caches (qcow2 tables and cluster maps) the daemon keeps, "
+                   "as QEMU's cache-size; at least 1M.")
 @trust_backing_option
 @click.argument("image")
 @click.argument("mountpoint")
 @user_errors()
 def mount(read_only: bool, foreground: bool, allow_other: bool, qmp: str | None,
-          device_name: str, trust_backing: bool, image: str, mountpoint: str) -> None:
+          device_name: str, cache_size: str, trust_backing: bool, image: str, mountpoint: str) -> None:
     """Expose IMAGE's chain as the regular file MOUNTPOINT (created if absent)."""
     _clear_dead_mount(mountpoint)
-    opts = MountOptions(image, mountpoint, read_only, allow_other, qmp, device_name, trust_backing)
+    opts = MountOptions(image, mountpoint, read_only, allow_other, qmp, device_name, trust_backing,
+                        _cache_size(cache_size))
     if foreground:
         from imgchain.fuse.daemon import run_mount  # loads pyfuse3
         run_mount(opts, lambda socket: click.echo(f"{mountpoint}: mounted {image} (pid {os.getpid()}, "
@@ -206,6 +210,14 @@ def mount(read_only: bool, foreground: bool, allow_other: bool, qmp: str | None,
         return
     pid, socket = _start_daemon(_daemon_argv(opts))
     click.echo(f"{mountpoint}: mounted {image} (pid {pid}, QMP socket {socket})")
+
+
+def _cache_size(text: str) -> int:
+    size = parse_size(text)
+    if size < MIN_CACHE_SIZE:
+        raise click.BadParameter(f"{text}: the cache size must be at least {MIN_CACHE_SIZE >> 20}M",
+                                 param_hint="'--cache-size'")
+    return size
 
 
 @main.command()
@@ -249,6 +261,7 @@ def _mount_doc(record: MountRecord) -> dict[str, object]:
         "mountpoint": record.mountpoint, "image": record.image, "pid": record.pid,
         "state": state, "socket": record.socket, "device": record.device,
         "read-only": record.read_only, "max-background": record.max_background,
+        "cache-size": record.cache_size,
         "nodes": record.nodes, "jobs": jobs}
     if jobs_error is not None:
         doc["jobs-error"] = jobs_error

@@ -3,7 +3,8 @@
 The mount point itself is the file (inode 1), as with `qemu-storage-daemon
 --export type=fuse`. Reads and writes of any size and alignment go to the
 core's `BlockBackend`; `fsync`/`fdatasync` flush the image files; the size is
-the virtual size and cannot change. This is the only place that turns core
+the virtual size and cannot change, and the block count is what the chain's
+image files take on disk. This is the only place that turns core
 errors into errno values: every handler catches everything, because any
 other exception escaping a handler would end `pyfuse3.main()` and the mount.
 """
@@ -88,7 +89,7 @@ class BlockExport(pyfuse3.Operations):
         attr.st_uid, attr.st_gid = self.uid, self.gid
         attr.st_size = self.backend.size
         attr.st_blksize = 4096
-        attr.st_blocks = -(-self.backend.size // 512)
+        attr.st_blocks = self.backend.allocated_file_size() // 512  # what the chain takes on disk
         attr.st_atime_ns = attr.st_mtime_ns = self.mtime_ns
         attr.st_ctime_ns = self.ctime_ns
         attr.attr_timeout = attr.entry_timeout = 1.0

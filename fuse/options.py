@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imgchain.metacache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
+
+__all__ = ["DEFAULT_CACHE_SIZE", "MIN_CACHE_SIZE", "MountOptions"]
+
 
 @dataclass
 class MountOptions:
@@ -17,3 +21,4 @@ class MountOptions:
     qmp: str | None = None
     device: str = "drive0"
     trust_backing: bool = False
+    cache_size: int = DEFAULT_CACHE_SIZE  # bytes of metadata caches (QEMU's cache-size)

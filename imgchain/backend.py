@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import errno
 import os
+import time
+from array import array
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Protocol
 
@@ -23,13 +26,43 @@ import trio
 from imgchain.formats import FormatError
 
 from .blkdebug import BlkDebug
+from .blockfile import zero_fill
 from .errors import ImageIOError
+from .extent import Status
 from .graph import GraphLock
+from .metacache import map_budget
 from .node import Node
 
 
-MAP_LIMIT = 1 << 20  # resolved clusters kept before the map starts over
-FILL_CLUSTERS = 64  # clusters resolved together on a miss (a power of two)
+# The cluster maps are kept by groups of FILL_CLUSTERS guest clusters, the
+# clusters a miss resolves together: one array of 2 * FILL_CLUSTERS int64 per
+# group. Slot i (< FILL_CLUSTERS) is where a read of cluster i finds its
+# bytes: 0 not resolved, ZERO reads as zeros, UNMAPPABLE neither zeros nor
+# one run of data (compressed, split across files), else
+# (host offset >> 9) << FD_BITS | (fd + 1). Slot
+# FILL_CLUSTERS + i is the host offset in the root's file where a write to
+# cluster i lands in place, 0 if unknown. About 1 KiB per group (16 bytes a
+# cluster) instead of a few hundred bytes a cluster in dicts of tuples.
+GROUP_BITS = 6
+FILL_CLUSTERS = 1 << GROUP_BITS
+GROUP_MASK = FILL_CLUSTERS - 1
+UNMAPPABLE = -1
+ZERO = -2
+FD_BITS = 20
+FD_MASK = (1 << FD_BITS) - 1
+_HOST_LIMIT = 1 << (63 - FD_BITS + 9)  # host offsets an entry can hold (4 PiB)
+# What a group costs: the array, its key and its ordered-dict slot.
+GROUP_BYTES = array("q", bytes(16 * FILL_CLUSTERS)).__sizeof__() + 160
+
+
+ALLOCATION_TTL = 1.0  # seconds an allocated_file_size answer is reused
+
+
+def map_entry(fd: int, host: int) -> int:
+    """The read slot of a cluster found at `host` in file `fd`."""
+    if host & 511 or host >= _HOST_LIMIT or fd >= FD_MASK:
+        return UNMAPPABLE
+    return (host >> 9) << FD_BITS | (fd + 1)
 
 
 class BlockDevOps(Protocol):
@@ -64,19 +97,17 @@ class BlockBackend:
         self._idle_waiter: trio.Event | None = None
         self._resumed = trio.Event()
         self._resumed.set()
-        # Guest cluster -> (fd, host offset) of the data a read of it finds,
-        # resolved through the chain once. Invariant: an entry is dropped
-        # before anything can change where that cluster's data lives (a write
-        # through this backend, or invalidate_map() around graph changes,
-        # which also come before any image file of the chain is closed).
-        self._map: dict[int, tuple[int, int]] = {}
-        # Guest clusters resolved and found not to be one run of data (zeros,
-        # compressed, split across files): reads of them take the slow path
-        # without resolving them again. Same invariant as _map.
-        self._unmappable: set[int] = set()
-        # Guest cluster -> host offset in the root's file where a write to it
-        # lands in place (no allocation, no copy). Same invariant as _map.
-        self._in_place: dict[int, int] = {}
+        # The cluster maps: group index -> array (see GROUP_BITS above),
+        # oldest group first. A read slot says where a read of a guest cluster
+        # finds its data, resolved through the chain once; an in-place slot
+        # where a write lands with no allocation or copy. Invariant: a slot is
+        # cleared before anything can change where that cluster's data lives
+        # (a write through this backend, or invalidate_map() around graph
+        # changes, which also come before any image file of the chain is
+        # closed). Bounded: at most _max_groups groups (the cache-size share
+        # of imgchain.metacache), the oldest dropped first.
+        self._groups: OrderedDict[int, array] = OrderedDict()
+        self._max_groups = max(16, map_budget() // GROUP_BYTES)
         self._map_bits = (root.driver.cluster_size or 65536).bit_length() - 1
         self._map_mask = (1 << self._map_bits) - 1
         # Called with (offset, length) after every guest write has landed
@@ -86,6 +117,8 @@ class BlockBackend:
         self.size = root.size
         # The root's file descriptor, for write_now; changes with the root.
         self._root_fd: int = root.driver.file.fd  # type: ignore[attr-defined]
+        # allocated_file_size's last answer and when it was taken (monotonic).
+        self._allocation = (0, -ALLOCATION_TTL)
 
     # -- requests ---------------------------------------------------------
 
@@ -121,20 +154,26 @@ class BlockBackend:
         """A read inside one resolved cluster, done now; None when it must go
         through `read` (not resolved yet, drained, fault rules, past the end)."""
         index = offset >> self._map_bits
-        hit = self._map.get(index)
-        if (hit is None or self.quiesce_counter or self.debug.rules or length <= 0 or offset < 0
+        group = self._groups.get(index >> GROUP_BITS)
+        if (group is None or self.quiesce_counter or self.debug.rules or length <= 0 or offset < 0
                 or (offset + length - 1) >> self._map_bits != index or offset + length > self.size):
             return None
-        data = os.pread(hit[0], length, hit[1] + (offset & self._map_mask))
-        return data if len(data) == length else None
+        entry = group[index & GROUP_MASK]
+        if entry > 0:
+            data = os.pread((entry & FD_MASK) - 1, length, (entry >> FD_BITS << 9) + (offset & self._map_mask))
+            return data if len(data) == length else None
+        return bytes(length) if entry == ZERO else None
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
         """A write inside one cluster that the root holds in place, done now;
         False when it must go through `write`."""
         index = offset >> self._map_bits
-        host = self._in_place.get(index)
-        if (host is None or self.quiesce_counter or self.debug.rules or not data
+        group = self._groups.get(index >> GROUP_BITS)
+        if (group is None or self.quiesce_counter or self.debug.rules or not data
                 or (offset + len(data) - 1) >> self._map_bits != index or offset + len(data) > self.size):
+            return False
+        host = group[FILL_CLUSTERS + (index & GROUP_MASK)]
+        if not host:
             return False
         at = host + (offset & self._map_mask)
         if os.pwrite(self._root_fd, data, at) != len(data):  # short: write it all again
@@ -180,51 +219,53 @@ class BlockBackend:
         finally:
             self._end()
 
-    def _lookup(self, index: int) -> tuple[int, int] | None:
-        """(fd, host offset) of a guest cluster, filling the map on a miss;
-        None when the cluster is not one run of data in one file."""
-        hit = self._map.get(index)
-        if hit is None and index not in self._unmappable:
-            self._fill_map(index)
-            hit = self._map.get(index)
-        return hit
+    def _lookup(self, index: int) -> int:
+        """The read slot of a guest cluster (map_entry), filling the map on a
+        miss; UNMAPPABLE when the cluster is not one run of data in one file."""
+        group = self._groups.get(index >> GROUP_BITS)
+        entry = group[index & GROUP_MASK] if group is not None else 0
+        if not entry:
+            entry = self._fill_map(index)
+        return entry
 
     def _read_into_mapped(self, offset: int, view: memoryview) -> bool:
         """Fill the buffer through the map: one preadv per run of clusters that
-        continue each other in one file, no block status. False (the buffer
-        half filled) when some cluster is not one run of data."""
+        continue each other in one file, zeros for zero clusters, no block
+        status. False (the buffer half filled) when some cluster is neither."""
         bits = self._map_bits
         runs: list[list[int]] = []  # [fd, host offset, length]
         pos, end = offset, offset + len(view)
         while pos < end:
             index = pos >> bits
-            hit = self._lookup(index)
-            if hit is None:
+            entry = self._lookup(index)
+            if entry == UNMAPPABLE:
                 return False
             n = min(end, (index + 1) << bits) - pos
-            host = hit[1] + (pos & self._map_mask)
-            if runs and runs[-1][0] == hit[0] and runs[-1][1] + runs[-1][2] == host:
+            fd, host = -1, 0  # zeros
+            if entry > 0:
+                fd, host = (entry & FD_MASK) - 1, (entry >> FD_BITS << 9) + (pos & self._map_mask)
+            if runs and runs[-1][0] == fd and (fd < 0 or runs[-1][1] + runs[-1][2] == host):
                 runs[-1][2] += n
             else:
-                runs.append([hit[0], host, n])
+                runs.append([fd, host, n])
             pos += n
         at = 0
         for fd, host, n in runs:
-            if os.preadv(fd, [view[at:at + n]], host) != n:
+            if fd < 0:
+                zero_fill(view[at:at + n])
+            elif os.preadv(fd, [view[at:at + n]], host) != n:
                 return False  # short (the file ends): the slow path reads zeros there
             at += n
         return True
 
-    def _fill_map(self, index: int) -> None:
-        """Resolve the FILL_CLUSTERS-aligned group of clusters around `index`
-        in one pass through the chain (one block-status walk per layer, not
-        one per cluster), mapping every cluster that is one run of data and
-        noting the others as unmappable. If the group holds a corrupt entry,
-        only the cluster asked for is resolved: a read of a sound cluster
-        never fails for its neighbour's sake."""
-        if len(self._map) + len(self._unmappable) >= MAP_LIMIT:
-            self._map.clear()
-            self._unmappable.clear()
+    def _fill_map(self, index: int) -> int:
+        """Resolve the group of FILL_CLUSTERS clusters around `index` in one
+        pass through the chain (one block-status call per layer, not one per
+        cluster), mapping every cluster that is one run of data or reads as
+        zeros and marking the others UNMAPPABLE; returns the read slot of
+        `index`. If the group
+        holds a corrupt entry, only the cluster asked for is resolved: a read
+        of a sound cluster never fails for its neighbour's sake."""
         first = index & -FILL_CLUSTERS
         try:
             self._map_clusters(first, FILL_CLUSTERS)
@@ -232,44 +273,112 @@ class BlockBackend:
             try:
                 self._map_clusters(index, 1)
             except FormatError:
-                pass  # the read itself takes the slow path and reports it
+                return UNMAPPABLE  # the read itself takes the slow path and reports it
+        return self._group(index >> GROUP_BITS)[index & GROUP_MASK]
+
+    def _group(self, key: int) -> array:
+        """The map's group `key`, new (nothing known) if absent; the oldest
+        group goes when the map is at its bound."""
+        group = self._groups.get(key)
+        if group is None:
+            while len(self._groups) >= self._max_groups:
+                self._groups.popitem(last=False)
+            group = self._groups[key] = array("q", bytes(16 * FILL_CLUSTERS))
+        return group
 
     def _map_clusters(self, first: int, count: int) -> None:
-        """Map `count` clusters from `first` (all or none: resolution errors
-        propagate before anything is recorded)."""
+        """Resolve `count` clusters from `first`, inside one group (all or
+        none: resolution errors propagate before anything is recorded)."""
         bits = self._map_bits
         start = first << bits
-        found: dict[int, tuple[int, int]] = {}
-        for guest, length, file, host in self.root.resolve_runs(start, min(count << bits, self.size - start)):
-            if file is None:
-                continue
+        last = min(first + count, -(-self.size >> bits))
+        slots = [UNMAPPABLE] * (last - first)
+        for guest, length, entry in self.resolve(start, min(count << bits, self.size - start)):
             end = guest + length
             lo = -(-guest >> bits)  # clusters wholly inside the run
             hi = (end >> bits) + (end == self.size and end & self._map_mask != 0)
-            fd, base = file.fd, host - guest  # type: ignore[attr-defined]
+            if entry == ZERO:
+                slots[lo - first:hi - first] = [ZERO] * (hi - lo)
+                continue
+            fd, base = entry
             for c in range(lo, hi):
-                found[c] = (fd, base + (c << bits))
-        self._map.update(found)
-        last = min(first + count, -(-self.size >> bits))
-        self._unmappable.update(c for c in range(first, last) if c not in found)
+                slots[c - first] = map_entry(fd, base + (c << bits))
+        group = self._group(first >> GROUP_BITS)
+        at = first & GROUP_MASK
+        group[at:at + len(slots)] = array("q", slots)
+
+    def resolve(self, offset: int, length: int) -> list[tuple[int, int, object]]:
+        """Where the bytes of a guest range live, run by run, walking the
+        chain layer by layer (no recursion; one block-status call per layer
+        over what still falls through to it): (guest offset, length, (fd,
+        host offset - guest offset)) for data in one file, (..., ZERO) for
+        what reads as zeros; what is neither (compressed) is left out."""
+        found: list[tuple[int, int, object]] = []
+        todo = [(offset, offset + length)]  # sorted, disjoint [start, end) ranges
+        node: Node | None = self.root
+        while todo and node is not None:
+            below: list[tuple[int, int]] = []
+            fd, size = node.driver.file.fd, node.size  # type: ignore[attr-defined]
+            first, last = todo[0][0], min(todo[-1][1], size)
+            extents = node.driver.block_status(first, last - first, want_zero=False) if first < last else []
+            i = 0
+            for start, end in todo:
+                while i < len(extents) and extents[i].guest_offset + extents[i].length <= start:
+                    i += 1
+                j = i
+                while j < len(extents) and extents[j].guest_offset < end:
+                    ext = extents[j]
+                    lo, hi = max(start, ext.guest_offset), min(end, ext.guest_offset + ext.length)
+                    if ext.status is Status.DATA:
+                        found.append((lo, hi - lo, (fd, ext.host_offset - ext.guest_offset)))
+                    elif ext.status is Status.UNALLOCATED:
+                        below.append((lo, hi))
+                    elif ext.status is Status.ZERO:
+                        found.append((lo, hi - lo, ZERO))
+                    j += 1
+                if end > size:  # past this node's end: zeros
+                    found.append((max(start, size), end - max(start, size), ZERO))
+            todo, node = below, node.backing_node
+        found.extend((start, end - start, ZERO) for start, end in todo)  # nothing below: zeros
+        return found
 
     def _unmap(self, offset: int, length: int) -> None:
+        """Forget the clusters of a guest range (before a write moves them)."""
         first, last = offset >> self._map_bits, (offset + max(length, 1) - 1) >> self._map_bits
-        if last - first > 64:
-            self.invalidate_map()
-        else:
+        if last - first < FILL_CLUSTERS:
             for index in range(first, last + 1):
-                self._map.pop(index, None)
-                self._unmappable.discard(index)
-                self._in_place.pop(index, None)
+                group = self._groups.get(index >> GROUP_BITS)
+                if group is not None:
+                    group[index & GROUP_MASK] = group[FILL_CLUSTERS + (index & GROUP_MASK)] = 0
+            return
+        lo, hi = first >> GROUP_BITS, last >> GROUP_BITS
+        keys = range(lo, hi + 1) if hi - lo < len(self._groups) else [k for k in self._groups if lo <= k <= hi]
+        for key in keys:
+            self._groups.pop(key, None)
 
     def invalidate_map(self) -> None:
         """Forget every resolved cluster (call before the chain's layout
         changes, and after a job writes into a node the maps resolve
         through; the end of every drain does it too)."""
-        self._map.clear()
-        self._unmappable.clear()
-        self._in_place.clear()
+        self._groups.clear()
+        self._allocation = (0, -ALLOCATION_TTL)
+
+    def allocated_file_size(self) -> int:
+        """Bytes the chain's image files take on the host: the sum of their
+        allocated blocks (QEMU's bdrv_get_allocated_file_size, over the
+        whole chain the device reads through). One fstat per file, at most
+        once per ALLOCATION_TTL and again after every graph change."""
+        size, taken = self._allocation
+        now = time.monotonic()
+        if now - taken >= ALLOCATION_TTL:
+            size = sum(os.fstat(node.driver.file.fd).st_blocks  # type: ignore[attr-defined]
+                       for node in self.root.chain()) * 512
+            self._allocation = (size, now)
+        return size
+
+    def mapped_clusters(self) -> int:
+        """How many clusters the read map knows (mapped, ZERO or UNMAPPABLE)."""
+        return sum(FILL_CLUSTERS - group[:FILL_CLUSTERS].count(0) for group in self._groups.values())
 
     def replace_root(self, node: Node) -> None:
         """Attach the device to another node (the pivot of an active commit,
@@ -300,22 +409,41 @@ class BlockBackend:
                 await self.debug.delay(node, "write", offset, len(data))
             elif self.write_now(offset, data):
                 return
-            self._unmap(offset, len(data))
-            node.write(offset, data)
+            try:  # nothing else runs before the maps forget what the write moves
+                node.write(offset, data, self._read_below)
+            finally:
+                self._unmap(offset, len(data))
             self._notify_write(offset, len(data))
             self._note_in_place(offset, len(data))
         finally:
             self._end()
 
+    def _read_below(self, offset: int, length: int) -> bytes | bytearray:
+        """A copy-on-write's source: the bytes of a range of one cluster that
+        the root does not hold, which is what the root shows there now: one
+        pread through the map (filled if need be), not a walk down the chain."""
+        index = offset >> self._map_bits
+        if (offset + length - 1) >> self._map_bits == index and offset + length <= self.size:
+            entry = self._lookup(index)
+            if entry == ZERO:
+                return bytes(length)
+            if entry > 0:
+                data = os.pread((entry & FD_MASK) - 1, length, (entry >> FD_BITS << 9) + (offset & self._map_mask))
+                if len(data) == length:
+                    return data
+        return self.root.read_below(offset, length)
+
     def _note_in_place(self, offset: int, length: int) -> None:
-        """After a write inside one cluster, remember where it now lives."""
+        """After a write inside one cluster, remember where it now lives: in
+        place in the root's file, for the next write and read of it."""
         index = offset >> self._map_bits
         if length and (offset + length - 1) >> self._map_bits == index:
             host = self.root.driver.in_place_host(index << self._map_bits)
-            if host is not None:
-                if len(self._in_place) >= MAP_LIMIT:
-                    self._in_place.clear()
-                self._in_place[index] = host
+            if host:
+                group = self._group(index >> GROUP_BITS)
+                slot = index & GROUP_MASK
+                group[FILL_CLUSTERS + slot] = host
+                group[slot] = map_entry(self._root_fd, host)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         async with self._request() as node:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from .blockfile import zero_fill
 from .errors import ImageIOError
@@ -194,11 +194,13 @@ class Node:
                 f"{self.filename}: request {offset}+{length} is beyond the end of the image "
                 f"({self.size} bytes)", errno.EINVAL)
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Guest write into this node (copy-on-write from its backing)."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              read_below: "Callable[[int, int], bytes | bytearray] | None" = None) -> None:
+        """Guest write into this node (copy-on-write from its backing, read
+        with `read_below` when the caller knows a faster way to it)."""
         self._check_range(offset, len(data))
         if len(data):
-            self.driver.write(offset, data, self.read_below)
+            self.driver.write(offset, data, read_below or self.read_below)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a guest range; whole clusters become zero clusters."""

@@ -58,9 +58,7 @@ ReadBelow = Callable[[int, int], bytes]
 
 AUTOCLEAR_OFFSET = 88
 INCOMPAT_OFFSET = 72
-L2_CACHE_BYTES = 32 * 1024 * 1024
 _IN_PLACE_MASK = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | 1  # NORMAL with COPIED, not zero
-MAX_DIRTY_TABLES = 256  # write back early when this many L2 tables are dirty
 
 _STATUS = {
     ClusterType.UNALLOCATED: Status.UNALLOCATED,
@@ -109,7 +107,8 @@ class Qcow2Driver:
         self.geo = Geometry(self.header.cluster_bits, self.header.refcount_order)
         self.l1: array = decode_u64_table(
             file.pread(self.header.l1_table_offset, self.header.l1_size * 8))
-        self.l2_cache: MetadataCache[array] = MetadataCache(L2_CACHE_BYTES // self.geo.cluster_size)
+        # Decoded L2 tables, in the process's bounded pool (imgchain.metacache).
+        self.l2_cache: MetadataCache[array] = MetadataCache(self.geo.cluster_size)
         self.refcounts: RefcountManager | None = None
         self.pending = PendingMetadata()
         self.ordered = True  # issue barriers between dependent writes
@@ -162,18 +161,42 @@ class Qcow2Driver:
     def _load_l2(self, offset: int) -> array:
         return decode_u64_table(self.file.pread(offset, self.geo.cluster_size))
 
-    def l2_table(self, l1_index: int) -> tuple[int, array | None]:
-        """(host offset, entries) of the L2 table for one L1 index, (0, None) if none."""
+    def _l2_offset(self, l1_index: int) -> int:
+        """Host offset of the L2 table of one L1 index, 0 if none (checked)."""
         if not 0 <= l1_index < len(self.l1):
             raise CorruptImage(self.filename, f"guest offset beyond the L1 table (index {l1_index})")
         offset = l1_l2_offset(self.l1[l1_index])
-        if not offset:
-            return 0, None
         if offset % self.geo.cluster_size:
             raise CorruptImage(self.filename,
                                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+        return offset
+
+    def l2_table(self, l1_index: int) -> tuple[int, array | None]:
+        """(host offset, entries) of the L2 table for one L1 index, (0, None) if none."""
+        offset = self._l2_offset(l1_index)
+        if not offset:
+            return 0, None
         dirty = self.pending.table(offset)
         return offset, dirty if dirty is not None else self.l2_cache.get(offset, self._load_l2)
+
+    def _l2_slice(self, l1_index: int, index: int, count: int) -> array | None:
+        """Entries index..index+count-1 of the L2 table of one L1 index (None
+        if there is no table): from the table in memory when it is there
+        (dirty, or in the pool), else read from the file alone, without
+        loading the whole table into the pool. Block status needs a few
+        entries of a table at a time (a miss of the backend's maps, 64 of
+        8192), and a chain deeper than the pool holds would otherwise load
+        and decode a whole table of every layer for each (QEMU's answer is
+        l2-cache-entry-size). A table not in memory is clean: the file has it."""
+        offset = self._l2_offset(l1_index)
+        if not offset:
+            return None
+        table = self.pending.table(offset)
+        if table is None:
+            table = self.l2_cache.peek(offset)
+        if table is not None:
+            return table[index:index + count]
+        return decode_u64_table(self.file.pread(offset + 8 * index, 8 * count))
 
     def l2_entry(self, guest_offset: int) -> int:
         _, table = self.l2_table(self.geo.l1_index(guest_offset))
@@ -196,16 +219,18 @@ class Qcow2Driver:
         pos = offset
         while pos < end:
             stop = min(end, (pos // span + 1) * span)
-            _, table = self.l2_table(self.geo.l1_index(pos))
-            if table is None:  # a whole L2 range unallocated: one step
+            entries = self._l2_slice(self.geo.l1_index(pos), self.geo.l2_index(pos),
+                                     ((stop - 1) >> bits) - (pos >> bits) + 1)
+            if entries is None:  # a whole L2 range unallocated: one step
                 _append_extent(out, Extent(pos, stop - pos, Status.UNALLOCATED))
             else:
-                self._slice_status(out, table, pos, stop)
+                self._slice_status(out, entries, pos, stop)
             pos = stop
         return out
 
-    def _slice_status(self, out: list[Extent], table: array, start: int, stop: int) -> None:
-        """Append the extents of [start, stop), a range inside one L2 table.
+    def _slice_status(self, out: list[Extent], entries: array, start: int, stop: int) -> None:
+        """Append the extents of [start, stop), a range inside one L2 table
+        whose entries from `start`'s on are `entries`.
 
         One pass over the entries, making an Extent only where a run breaks.
         `next_entry` is the entry that would continue the run with the same
@@ -213,8 +238,7 @@ class Qcow2Driver:
         most entries cost one comparison; any other entry is classified."""
         bits = self.geo.cluster_bits
         cs = 1 << bits
-        first, index = start >> bits, self.geo.l2_index(start)
-        entries = table[index:index + ((stop - 1) >> bits) - first + 1]
+        first = start >> bits
         run_start, run_status, run_host = start, None, 0
         next_entry = step = -1
         for i, entry in enumerate(entries):
@@ -241,7 +265,8 @@ class Qcow2Driver:
             _append_extent(out, _run_extent(run_start, stop, run_status, run_host, cs))
 
     def _cluster_status(self, offset: int, length: int) -> Extent:
-        entry = self.l2_entry(offset)
+        entries = self._l2_slice(self.geo.l1_index(offset), self.geo.l2_index(offset), 1)
+        entry = entries[0] if entries is not None else 0
         kind = classify_l2(entry)
         if kind is ClusterType.COMPRESSED:
             return Extent(offset, length, Status.COMPRESSED, compressed_extent(entry, self.geo.cluster_bits).host_offset)
@@ -392,6 +417,9 @@ class Qcow2Driver:
         parts of a new cluster that a partial write [lo, hi) leaves to copy."""
         end = guest + self.geo.cluster_size
         if kind is ClusterType.UNALLOCATED:
+            if guest < lo and hi < end:  # both: one read of the cluster below, not two walks
+                whole = memoryview(read_below(guest, end - guest))
+                return whole[:lo - guest], whole[hi - guest:]
             head = read_below(guest, lo - guest) if lo > guest else b""
             return head, read_below(hi, end - hi) if hi < end else b""
         if kind is ClusterType.COMPRESSED:
@@ -407,8 +435,11 @@ class Qcow2Driver:
         for i, e in updates.items():
             table[i] = e
         self.pending.mark_l2(l2_offset, table, min(updates), max(updates))
-        if len(self.pending.l2) > MAX_DIRTY_TABLES:
-            self.write_back()
+        # The pool may have let this table go (and loaded a copy) while the
+        # write read from below: the one it keeps must be the one changed.
+        self.l2_cache.put(l2_offset, table)
+        if len(self.pending.l2) > self.l2_cache.dirty_limit():
+            self.write_back()  # dirty tables stay in memory: their bytes are bounded too
 
     def write_back(self) -> None:
         """Write pending metadata in crash-safe order (qcow2_pending); the
@@ -512,6 +543,9 @@ class Qcow2Driver:
                 self.file.flush()
         finally:
             self.file.close()
+            self.l2_cache.close()
+            if self.refcounts is not None:
+                self.refcounts.blocks.close()
 
 
 def _run_extent(start: int, end: int, status: Status, host: int, cluster_size: int) -> Extent:

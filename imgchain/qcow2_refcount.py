@@ -53,7 +53,7 @@ class RefcountManager:
         self.meta = meta
         # Invariant: reftable mirrors the on-disk table entry for entry.
         self.reftable = reftable
-        self.blocks: MetadataCache[array | list[int]] = MetadataCache(64)
+        self.blocks: MetadataCache[array | list[int]] = MetadataCache(self.geo.cluster_size)  # 16-bit: one byte per byte
         # Invariant: no cluster below free_hint has refcount 0.
         self.free_hint = 0
         # Invariant: reserve holds runs [start, count] with a durable refcount of 1

@@ -151,6 +151,7 @@ class MountRecord:
     cmdline: list[str] = field(default_factory=list)
     created_mountpoint: bool = False
     max_background: int | None = None
+    cache_size: int | None = None  # the bound of the daemon's metadata caches, bytes (None: older records)
 
     @classmethod
     def for_this_process(cls, **values: Any) -> MountRecord:

@@ -130,7 +130,7 @@ def test_qmp_session_reassembles_split_input() -> None:
 async def test_resolved_cluster_map_follows_writes(backend: BlockBackend) -> None:
     """Reads resolve a cluster's location once; writes and zero writes move it."""
     assert await backend.read(4096, 100) == b"\xaa" * 100          # resolved to base.raw
-    assert backend._map
+    assert backend.mapped_clusters()
     await backend.write(4096, b"\x01" * 10)                         # COW into top
     assert await backend.read(4096, 100) == b"\x01" * 10 + b"\xaa" * 90
     await backend.write_zeroes(0, 3 * 4096)                          # zero clusters hide base
@@ -140,4 +140,4 @@ async def test_resolved_cluster_map_follows_writes(backend: BlockBackend) -> Non
     for off in range(0, 1 << 20, 65536):                             # every cluster, then again
         assert await backend.read(off, 4096) == backend.root.read(off, 4096)
     backend.invalidate_map()
-    assert not backend._map
+    assert not backend.mapped_clusters()

@@ -227,18 +227,21 @@ async def test_negative_offsets_are_refused(chain3: Path) -> None:
 
 async def test_clusters_that_cannot_be_mapped_are_resolved_once(chain3: Path) -> None:
     with backend_on(chain3) as backend:
-        await backend.write_zeroes(64 * KIB, 64 * KIB)  # zero clusters: never mapped
+        await backend.write_zeroes(64 * KIB, 64 * KIB)  # zero clusters: mapped as zeros
         walks = []
-        resolve_runs = backend.root.resolve_runs
+        resolve = backend.resolve
 
         def counting(offset: int, length: int):
             walks.append(offset)
-            return resolve_runs(offset, length)
+            return resolve(offset, length)
 
-        backend.root.resolve_runs = counting  # type: ignore[method-assign]
+        backend.resolve = counting  # type: ignore[method-assign]
         for _ in range(3):
             assert await backend.read(80 * KIB, 4 * KIB) == bytes(4 * KIB)
         assert len(walks) == 1
-        await backend.write(80 * KIB, b"\x99" * 10)  # the cluster changes: resolved again
+        await backend.write(80 * KIB, b"\x99" * 10)  # the cluster moves; the write notes where to
         assert (await backend.read(80 * KIB, 4 * KIB))[:10] == b"\x99" * 10
+        assert len(walks) == 1
+        await backend.write(84 * KIB - 5, b"\x98" * 10)  # two clusters: forgotten, resolved again
+        assert (await backend.read(84 * KIB, 4 * KIB))[:5] == b"\x98" * 5
         assert len(walks) == 2
