@@ -13,6 +13,8 @@ stay as they are):
 - active.py: active commit and live snapshot under fio, against qsd;
 - offline.py: check of written 1 TiB and 16 TiB images and the start-up of
   info, check and commit, against qemu-img;
+- scale.py: 4 KiB reads through 256 layers against one layer, and the
+  daemon's peak memory on 1 TiB, 16 TiB and deep chains against qsd.
 
 `--quick` runs the unpinned fio jobs, the jobs and the extra steps on a
 small chain with one short repetition, in under 2 minutes here, for checking a change: its tables go to a scratch
@@ -49,7 +51,7 @@ STEPS = [
     Step("fio-pinned-allocated", "run.py",
          ("--runtime", "8", "--ramp", "1", "--repeat", "3", "--pin", "0", "--top-allocated", "--jobs", "randwrite"),
          None),
-    Step("jobs", "jobs.py", ("--repeat", "3"), ("--size", "128M", "--repeat", "1", "--no-verify")),
+    Step("jobs", "jobs.py", ("--repeat", "3"), ("--size", "64M", "--repeat", "1", "--no-verify")),
     Step("active", "active.py", ("--repeat", "3"),
          ("--size", "128M", "--repeat", "1", "--depths", "16", "--no-verify")),
 ]
@@ -58,6 +60,11 @@ STEPS = [
 EXTRA_STEPS = [
     Step("offline", "offline.py", (),
          ("--sizes", "1 TiB", "--writes", "2000", "--repeat", "1", "--startup-repeat", "5")),
+    Step("deep", "scale.py", ("deep", "--layers", "256", "--pin", "0", "--repeat", "3", "--runtime", "8", "--ramp", "2"),
+         None),
+    Step("memory", "scale.py", ("memory", "--huge", "1T,16T", "--runtime", "20", "--repeat", "1"),
+         ("memory", "--huge", "1T", "--layers", "16", "--cache-sizes", "", "--runtime", "2", "--ramp", "0",
+          "--repeat", "1")),
 ]
 
 
