@@ -112,11 +112,11 @@ def check(output: str, repair: str | None, force_share: bool, trust_backing: boo
 @user_errors()
 def map_(output: str, force_share: bool, trust_backing: bool, file: str) -> None:
     """Show where each range of the chain's content comes from (qemu-img map)."""
-    from imgchain.map import MapError, human_map, map_chain
-    entries = map_chain(file, force_share=force_share, trust_backing=trust_backing)
-    if output == "json":
-        print_json(entries)
+    from imgchain.map import MapError, human_map, map_chain, map_json
+    if output == "json":  # qemu-img's text: one entry per line
+        click.echo(map_json(file, force_share=force_share, trust_backing=trust_backing), nl=False)
         return
+    entries = map_chain(file, force_share=force_share, trust_backing=trust_backing)
     try:
         click.echo(human_map(entries, file), nl=False)
     except MapError as exc:

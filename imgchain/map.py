@@ -12,32 +12,50 @@ clusters than the file really occupies; ref:
 qcow2_detect_metadata_preallocation) has its data clusters checked against
 holes in its file, which then show as `zero` and `data` together.
 
-Work is per extent, not per byte: unallocated L2 ranges (L1 entry 0) are
-skipped as a whole, lower layers are only asked about what the layers above
-leave open, and adjacent entries are merged as qemu-img does
-(ref: entry_mergeable). This module only reads.
+The walk is a loop over the layers, never a recursion, so a chain of any
+depth maps: each layer is asked only about the ranges the layers above leave
+unallocated. A layer's answer comes from its allocated runs, worked out once
+per L2 table (or once per raw file) in one pass over the allocated entries
+only (`itertools.compress` skips the unallocated ones at C speed), and kept
+as plain tuples. Adjacent runs are merged as qemu-img merges them
+(ref: entry_mergeable), and `json_map` writes qemu-img's JSON text byte for
+byte (ref: dump_map_entry). This module only reads.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Sequence
 from typing import Any
 
-from imgchain.formats.qcow2_tables import REFT_OFFSET_MASK, decode_refcount_block, l1_l2_offset
+from imgchain.formats import CorruptImage
+from imgchain.formats.qcow2_tables import (
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_ZERO,
+    REFT_OFFSET_MASK,
+    decode_refcount_block,
+    l1_l2_offset,
+)
 
 from .chain import close_chain, open_backing_chain
 from .errors import ImgchainError
-from .extent import Extent, Status
+from .extent import Status
 from .info import full_backing_filename, virtual_size
 from .node import Node
 from .raw import RawDriver
 
 MapEntry = dict[str, Any]
 
+Run = tuple[int, int, int, bool, bool, bool, int]
+"""One map entry: (start, end, depth, present, zero, data, offset); offset -1 for none."""
+
+
 COMPRESSED_IN_HUMAN = "File contains external, encrypted or compressed clusters."
+NO_OFFSET = -1
+_FAST_HOST_LIMIT = 1 << 55  # below it, adding a cluster to an entry cannot carry into its flags
 
 
 class MapError(ImgchainError):
@@ -46,23 +64,6 @@ class MapError(ImgchainError):
     def __init__(self, message: str, output: str) -> None:
         super().__init__(message)
         self.output = output
-
-
-@dataclass(frozen=True)
-class Run:
-    """One map entry before it is turned into qemu's JSON shape."""
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None = None
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 # ---------------------------------------------------------------------------
@@ -74,22 +75,25 @@ def map_chain(path: str, force_share: bool = False, trust_backing: bool = False)
 
     The chain is opened with QEMU's read locks (`ImageLockedError` while
     another process writes it) unless `force_share`."""
-    top = open_backing_chain(path, force_share=force_share, trust_backing=trust_backing)
-    try:
-        return map_node(top)
-    finally:
-        close_chain(top)
+    return [_entry(run) for run in _map_path(path, force_share, trust_backing)]
+
+
+def map_json(path: str, force_share: bool = False, trust_backing: bool = False) -> str:
+    """The text `qemu-img map --output=json [-U] path` prints, byte for byte."""
+    return json_map(_map_path(path, force_share, trust_backing))
 
 
 def map_node(top: Node) -> list[MapEntry]:
     """The map entries of an opened chain whose active node is `top`."""
-    layers = [_Layer(node, depth) for depth, node in enumerate(top.chain())]
-    size = layers[0].size
-    if size == 0:
-        return [_entry(Run(0, 0, 0, False, False, False))]
-    runs: list[Run] = []
-    _resolve(layers, 0, 0, size, runs)
-    return [_entry(r) for r in merge_runs(runs)]
+    return [_entry(run) for run in map_runs(top)]
+
+
+def _map_path(path: str, force_share: bool, trust_backing: bool) -> list[Run]:
+    top = open_backing_chain(path, force_share=force_share, trust_backing=trust_backing)
+    try:
+        return map_runs(top)
+    finally:
+        close_chain(top)
 
 
 def chain_filenames(path: str) -> list[str]:
@@ -108,92 +112,199 @@ def chain_filenames(path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# Walking the chain
+
+
+def map_runs(top: Node) -> list[Run]:
+    """The merged map runs of an opened chain, in guest order.
+
+    Layer by layer: `pending` holds the ranges no layer above allocates; the
+    part of a range past the next layer's end (or with no next layer) is
+    answered, unallocated, by this layer."""
+    layers = [_Layer(node, depth) for depth, node in enumerate(top.chain())]
+    size = layers[0].size
+    if size == 0:
+        return [(0, 0, 0, False, False, False, NO_OFFSET)]
+    runs: list[Run] = []
+    pending = [(0, size)]
+    for index, layer in enumerate(layers):
+        limit = layers[index + 1].size if index + 1 < len(layers) else 0
+        pending = _sweep(layer, pending, limit, runs)
+        if not pending:
+            break
+    runs.sort()
+    return merge_runs(runs)
+
+
+def _sweep(layer: "_Layer", pending: list[tuple[int, int]], limit: int, runs: list[Run]) -> list[tuple[int, int]]:
+    """Answer the sorted, disjoint `pending` ranges from one layer: what it
+    allocates becomes runs; what it leaves unallocated (its gaps) is returned
+    for the next layer below `limit` (the backing's size) and reads as
+    zeros here past it."""
+    pieces = layer.pieces(pending)
+    ends = [p[1] for p in pieces]
+    left: list[tuple[int, int]] = []
+    forward = limit >= layer.size  # the backing answers every gap (the usual case)
+    j = 0
+    for start, end in pending:
+        j = bisect.bisect_right(ends, start, j)
+        k = bisect.bisect_left(ends, end, j)
+        if k == j and forward:  # inside one piece: the common case below the top
+            lo, hi, depth, present, zero, data, offset = pieces[j]
+            if not present:
+                left.append((start, end))
+            else:
+                runs.append((start, end, depth, True, zero, data, offset + start - lo if offset >= 0 else offset))
+            continue
+        seg = pieces[j:k + 1]
+        if seg[0][0] < start:
+            seg[0] = _cut(seg[0], start, seg[0][1])
+        if seg[-1][1] > end:
+            seg[-1] = _cut(seg[-1], seg[-1][0], end)
+        _route(seg, limit, forward, left, runs)
+        j = k
+    return left
+
+
+def _route(seg: list[Run], limit: int, forward: bool, left: list[tuple[int, int]], runs: list[Run]) -> None:
+    """Allocated runs to `runs`, gaps to `left` or `runs` (see _open_range)."""
+    if limit == 0:  # no backing: the gaps are final
+        runs += seg
+    elif forward:
+        runs += [p for p in seg if p[3]]
+        left += [(p[0], p[1]) for p in seg if not p[3]]
+    else:
+        for p in seg:
+            if p[3]:
+                runs.append(p)
+            else:
+                _open_range(p, limit, left, runs)
+
+
+def _cut(run: Run, lo: int, hi: int) -> Run:
+    """`run` cut to [lo, hi), its offset moved along."""
+    start, _, depth, present, zero, data, offset = run
+    return (lo, hi, depth, present, zero, data, offset + lo - start if offset >= 0 else offset)
+
+
+def _open_range(gap: Run, limit: int, left: list[tuple[int, int]], runs: list[Run]) -> None:
+    """A gap of a layer whose backing ends at `limit`: below it the next
+    layer answers, past it the gap reads as zeros here."""
+    start, end = gap[0], gap[1]
+    if start < limit:
+        left.append((start, min(end, limit)))
+    if end > limit:
+        runs.append(_cut(gap, max(start, limit), end))
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """Join adjacent runs the way qemu-img map does (entry_mergeable: same
+    depth and flags, offsets that continue or neither has one)."""
+    if not runs:
+        return []
+    out: list[Run] = []
+    prev = runs[0]
+    for run in itertools.islice(runs, 1, None):
+        if run[2:6] == prev[2:6] and prev[1] > prev[0]:
+            offset = prev[6]
+            if run[6] == (offset + prev[1] - prev[0] if offset >= 0 else NO_OFFSET):
+                prev = (prev[0], run[1]) + prev[2:]
+                continue
+        out.append(prev)
+        prev = run
+    out.append(prev)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # One layer's view
 
 
 class _Layer:
-    """Block status of one node of the chain, as QEMU's block layer sees it."""
+    """What one node of the chain stores, as QEMU's block layer sees it."""
 
     def __init__(self, node: Node, depth: int) -> None:
         self.node = node
         self.depth = depth
         self.size = virtual_size(node)
         self.is_qcow2 = node.format_name == "qcow2"
-        self._l2_indices: list[int] | None = None
+        self._units: dict[int, list[Run]] = {}
         self._preallocated: bool | None = None
         self._host: RawDriver | None = None
 
-    def status(self, start: int, end: int) -> list[Extent]:
-        """Extents of this layer alone over [start, end), within its size."""
+    def pieces(self, ranges: list[tuple[int, int]]) -> list[Run]:
+        """This layer's runs, in order, over every L2 table that meets the
+        sorted `ranges` (the whole file of a raw layer); unallocated gaps are
+        runs too, with present false. They cover each table without a hole."""
         if not self.is_qcow2:
-            return self._raw_status(start, end)
-        return self._qcow2_status(start, end)
-
-    def _raw_status(self, start: int, end: int) -> list[Extent]:
-        # Past the file's end (up to the sector-rounded size) qemu sees a hole.
-        return [e if e.host_offset is not None or e.status is not Status.ZERO
-                else Extent(e.guest_offset, e.length, Status.ZERO, e.guest_offset)
-                for e in self.node.driver.block_status(start, end - start)]
-
-    def _qcow2_status(self, start: int, end: int) -> list[Extent]:
-        span = self.node.driver.geo.l2_span  # type: ignore[attr-defined]
-        indices = self._tables()
-        out: list[Extent] = []
-        pos = start
-        while pos < end:
-            idx = pos // span
-            i = bisect.bisect_left(indices, idx)
-            if i < len(indices) and indices[i] == idx:
-                stop = min(end, (idx + 1) * span)
-                out.extend(self._l2_status(idx, pos, stop))
-            else:
-                nxt = indices[i] * span if i < len(indices) else end
-                stop = min(end, nxt)
-                out.append(Extent(pos, stop - pos, Status.UNALLOCATED))
-            pos = stop
-        return _merge_unallocated(out)
-
-    def _l2_status(self, l1_index: int, start: int, end: int) -> list[Extent]:
-        """Status within one L2 table: the driver is asked only about runs of
-        non-zero entries; the gaps between them are unallocated."""
+            return self._unit(-1)
         driver = self.node.driver
-        cs = driver.cluster_size
-        base = l1_index * driver.geo.l2_span  # type: ignore[attr-defined]
-        _, table = driver.l2_table(l1_index)  # type: ignore[attr-defined]
-        first, last = (start - base) // cs, -(-(end - base) // cs)
-        out: list[Extent] = []
-        pos = start
-        for a, b in _index_runs(itertools.compress(range(first, last),
-                                                   itertools.islice(table, first, last))):
-            lo, hi = max(start, base + a * cs), min(end, base + b * cs)
-            if lo > pos:
-                out.append(Extent(pos, lo - pos, Status.UNALLOCATED))
-            out.extend(driver.block_status(lo, hi - lo))
-            pos = hi
-        if pos < end:
-            out.append(Extent(pos, end - pos, Status.UNALLOCATED))
+        span = driver.geo.l2_span  # type: ignore[attr-defined]
+        l1 = driver.l1  # type: ignore[attr-defined]
+        out: list[Run] = []
+        last = -1
+        for start, end in ranges:
+            for index in range(max(last + 1, start // span), (end - 1) // span + 1):
+                if index >= len(l1) or l1_l2_offset(l1[index]):  # past L1: the driver reports it
+                    out += self._unit(index)
+                else:  # a whole L2 range unallocated: one gap
+                    lo, hi = index * span, min(self.size, (index + 1) * span)
+                    if out and not out[-1][3] and out[-1][1] == lo:
+                        lo = out.pop()[0]
+                    out.append((lo, hi, self.depth, False, True, False, NO_OFFSET))
+                last = index
         return out
 
-    def _tables(self) -> list[int]:
-        """Sorted L1 indices that point to an L2 table."""
-        if self._l2_indices is None:
-            l1 = self.node.driver.l1  # type: ignore[attr-defined]
-            candidates = itertools.compress(range(len(l1)), l1)
-            self._l2_indices = [i for i in candidates if l1_l2_offset(l1[i])]
-        return self._l2_indices
+    def _unit(self, index: int) -> list[Run]:
+        """The runs of one L2 table's range (or of the whole raw file, -1)."""
+        unit = self._units.get(index)
+        if unit is None:
+            unit = self._units[index] = self._table_runs(index) if index >= 0 else self._raw_runs()
+        return unit
 
-    def data_runs(self, ext: Extent) -> list[Run]:
-        """Runs for a DATA extent; holes in a preallocated file read as zero."""
-        assert ext.host_offset is not None
-        if not (self.is_qcow2 and self.preallocated()):
-            return [Run(ext.guest_offset, ext.length, self.depth, True, False, True, ext.host_offset)]
-        if self._host is None:  # the qcow2 file itself, seen as a sparse file
+    def _raw_runs(self) -> list[Run]:
+        # Holes of the file are zero at their offset; past the file's end (up
+        # to the sector-rounded size) qemu sees a hole as well.
+        return [(e.guest_offset, e.end, self.depth, True, e.status is Status.ZERO,
+                 e.status is Status.DATA, e.guest_offset)
+                for e in self.node.driver.block_status(0, self.size)]
+
+    def _table_runs(self, l1_index: int) -> list[Run]:
+        """The runs of one L2 table, gaps included."""
+        driver = self.node.driver
+        bits = driver.geo.cluster_bits  # type: ignore[attr-defined]
+        base = l1_index * driver.geo.l2_span  # type: ignore[attr-defined]
+        _, table = driver.l2_table(l1_index)  # type: ignore[attr-defined]
+        entries = min(len(table), -(-(self.size - base) >> bits))
+        depth = self.depth
+        runs: list[Run] = []
+        pos = base
+        for first, end, entry in _entry_runs(table, entries, bits, driver.filename, base):
+            lo, hi = base + (first << bits), base + (end << bits)
+            if lo > pos:
+                runs.append((pos, lo, depth, False, True, False, NO_OFFSET))
+            host = entry & L2E_OFFSET_MASK
+            if entry & QCOW_OFLAG_COMPRESSED:
+                runs.append((lo, hi, depth, True, False, True, NO_OFFSET))
+            elif entry & QCOW_OFLAG_ZERO:
+                runs.append((lo, hi, depth, True, True, False, host or NO_OFFSET))
+            elif not self.preallocated():
+                runs.append((lo, hi, depth, True, False, True, host))
+            else:
+                runs += self._host_runs(lo, hi, host)
+            pos = hi
+        end = min(self.size, base + (entries << bits))
+        if end > pos:
+            runs.append((pos, end, depth, False, True, False, NO_OFFSET))
+        return runs
+
+    def _host_runs(self, lo: int, hi: int, host: int) -> list[Run]:
+        """Data at `host`, with the holes of the qcow2 file itself as zero."""
+        if self._host is None:
             self._host = RawDriver(self.node.driver.file, self.node.filename)  # type: ignore[attr-defined]
-        host = self._host
-        shift = ext.guest_offset - ext.host_offset
-        return [Run(h.guest_offset + shift, h.length, self.depth, True,
-                    h.status is Status.ZERO, True, h.guest_offset)
-                for h in host.block_status(ext.host_offset, ext.length)]
+        shift = lo - host
+        return [(h.guest_offset + shift, h.end + shift, self.depth, True, h.status is Status.ZERO, True,
+                 h.guest_offset) for h in self._host.block_status(host, hi - lo)]
 
     def preallocated(self) -> bool:
         """QEMU's metadata-preallocation guess for this qcow2 file."""
@@ -202,28 +313,42 @@ class _Layer:
         return self._preallocated
 
 
-def _index_runs(indices: Iterable[int]) -> Iterator[tuple[int, int]]:
-    """Maximal runs [a, b) of consecutive integers in an increasing sequence."""
-    run_start = run_end = -1
-    for i in indices:
-        if i != run_end:
-            if run_end > run_start:
-                yield run_start, run_end
-            run_start = i
-        run_end = i + 1
-    if run_end > run_start:
-        yield run_start, run_end
-
-
-def _merge_unallocated(extents: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for ext in extents:
-        prev = out[-1] if out else None
-        if prev and prev.status is ext.status is Status.UNALLOCATED:
-            out[-1] = Extent(prev.guest_offset, prev.length + ext.length, Status.UNALLOCATED)
+def _entry_runs(table: array, entries: int, bits: int, filename: str,
+                base: int) -> list[tuple[int, int, int]]:
+    """Runs (first index, end index, first entry) of allocated L2 entries
+    among the first `entries` of `table`, each extending while the next
+    entry continues it (the next host cluster with the same flags, or the
+    same zero entry). One pass over the non-zero entries only
+    (`itertools.compress` skips the others at C speed); an entry with flag
+    bits but no cluster is unallocated."""
+    cs = 1 << bits
+    runs: list[tuple[int, int, int]] = []
+    first = run_end = next_entry = -1
+    step = head = 0
+    for i in itertools.compress(range(entries), table):
+        entry = table[i]
+        if i == run_end and entry == next_entry:
+            run_end += 1
+            next_entry += step
+            continue
+        if first >= 0:
+            runs.append((first, run_end, head))
+        host = entry & L2E_OFFSET_MASK
+        if entry & QCOW_OFLAG_COMPRESSED:
+            next_entry = -1
+        elif host % cs:
+            raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
+                                         f"(guest offset {base + (i << bits):#x})")
+        elif not host and not entry & QCOW_OFLAG_ZERO:
+            first = run_end = next_entry = -1
+            continue
         else:
-            out.append(ext)
-    return out
+            step = cs if host else 0
+            next_entry = entry + step if host < _FAST_HOST_LIMIT else -1
+        first, run_end, head = i, i + 1, entry
+    if first >= 0:
+        runs.append((first, run_end, head))
+    return runs
 
 
 def _looks_preallocated(driver: Any) -> bool:
@@ -259,68 +384,30 @@ def _count_referenced(driver: Any, end_cluster: int, limit: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Walking the chain
-
-
-def _resolve(layers: list[_Layer], index: int, start: int, end: int, out: list[Run]) -> None:
-    """Append the runs for [start, end) as seen from layer `index` downwards."""
-    layer = layers[index]
-    below = layers[index + 1] if index + 1 < len(layers) else None
-    for ext in layer.status(start, end):
-        if ext.status is Status.UNALLOCATED:
-            _resolve_unallocated(layers, index, below, ext, out)
-        elif ext.status is Status.DATA:
-            out.extend(layer.data_runs(ext))
-        elif ext.status is Status.ZERO:
-            out.append(Run(ext.guest_offset, ext.length, layer.depth, True, True, False, ext.host_offset))
-        else:  # COMPRESSED: data, but no offset qemu can show
-            out.append(Run(ext.guest_offset, ext.length, layer.depth, True, False, True))
-
-
-def _resolve_unallocated(layers: list[_Layer], index: int, below: _Layer | None,
-                         ext: Extent, out: list[Run]) -> None:
-    split = ext.guest_offset if below is None else min(ext.end, max(ext.guest_offset, below.size))
-    if split > ext.guest_offset:
-        _resolve(layers, index + 1, ext.guest_offset, split, out)
-    if split < ext.end:
-        # No backing, or past the backing's end: zeros, answered by this layer.
-        out.append(Run(split, ext.end - split, index, False, True, False))
-
-
-def mergeable(prev: Run, nxt: Run) -> bool:
-    """qemu-img's entry_mergeable (the file is implied by the depth)."""
-    if prev.length == 0:
-        return False
-    if (prev.depth, prev.present, prev.zero, prev.data) != (nxt.depth, nxt.present, nxt.zero, nxt.data):
-        return False
-    if (prev.offset is None) != (nxt.offset is None):
-        return False
-    return prev.offset is None or prev.offset + prev.length == nxt.offset
-
-
-def merge_runs(runs: list[Run]) -> list[Run]:
-    """Join adjacent runs the way qemu-img map does."""
-    out: list[Run] = []
-    for run in runs:
-        if out and mergeable(out[-1], run):
-            prev = out[-1]
-            out[-1] = Run(prev.start, prev.length + run.length, prev.depth, prev.present,
-                          prev.zero, prev.data, prev.offset)
-        else:
-            out.append(run)
-    return out
+# Output
 
 
 def _entry(run: Run) -> MapEntry:
-    entry: MapEntry = {"start": run.start, "length": run.length, "depth": run.depth,
-                       "present": run.present, "zero": run.zero, "data": run.data}
-    if run.offset is not None:
-        entry["offset"] = run.offset
+    start, end, depth, present, zero, data, offset = run
+    entry: MapEntry = {"start": start, "length": end - start, "depth": depth,
+                       "present": present, "zero": zero, "data": data}
+    if offset >= 0:
+        entry["offset"] = offset
     return entry
 
 
-# ---------------------------------------------------------------------------
-# Human output
+_FLAGS = {(p, z, d): '"present": %s, "zero": %s, "data": %s' % tuple("true" if f else "false" for f in (p, z, d))
+          for p in (False, True) for z in (False, True) for d in (False, True)}
+
+
+def json_map(runs: list[Run]) -> str:
+    """qemu-img's JSON text: one entry per line, `[` before the first, `]` after the last."""
+    flags = _FLAGS
+    lines = [f'{{ "start": {s}, "length": {e - s}, "depth": {d}, {flags[p, z, a]}, "offset": {o}}}'
+             if o >= 0 else
+             f'{{ "start": {s}, "length": {e - s}, "depth": {d}, {flags[p, z, a]}}}'
+             for s, e, d, p, z, a, o in runs]
+    return "[" + ",\n".join(lines) + "]\n"
 
 
 def human_map(entries: list[MapEntry], top_filename: str | Sequence[str]) -> str:

@@ -111,17 +111,47 @@ class Node:
         return nodes
 
     # -- reads ------------------------------------------------------------
+    #
+    # Every walk down the chain is a loop over the layers, never a recursion,
+    # so a chain of any depth reads (QEMU's bdrv_co_block_status_above loops
+    # the same way).
+
+    def chain_status(self, offset: int, length: int, want_zero: bool = True,
+                     top: list[Extent] | None = None) -> Iterator[tuple["Node", Extent]]:
+        """Where the guest range [offset, offset+length) of this node's chain is
+        answered: (node, extent) with the extent DATA or COMPRESSED in that
+        node's file, or ZERO; ZERO also stands for what no layer stores (below
+        the bottom, past a backing's end). Layer by layer, top first; each layer
+        is asked only about what the layers above leave unallocated. `top` is
+        this node's own block status of the range, when the caller has it."""
+        node: Node | None = self
+        pending = [(offset, length)]
+        while node is not None and pending:
+            below = node.backing_node
+            left: list[tuple[int, int]] = []
+            for off, n in pending:
+                inside = max(0, min(n, node.size - off))
+                if top is not None:
+                    extents, top = top, None
+                else:
+                    extents = node.driver.block_status(off, inside, want_zero) if inside else []
+                for ext in extents:
+                    if ext.status is not Status.UNALLOCATED:
+                        yield node, ext
+                    elif below is not None:
+                        left.append((ext.guest_offset, ext.length))
+                    else:
+                        yield node, Extent(ext.guest_offset, ext.length, Status.ZERO)
+                if inside < n:
+                    yield node, Extent(off + inside, n - inside, Status.ZERO)
+            node, pending = below, left
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest-visible bytes of this node (its chain), zeros past its end."""
         inside = max(0, min(length, self.size - offset))
         extents = self.driver.block_status(offset, inside, want_zero=False) if inside else []
-        if inside == length and len(extents) == 1:  # one extent: no assembly buffer
-            ext = extents[0]
-            if ext.status is Status.DATA:
-                return self.driver.file.pread(ext.host_offset, length)  # type: ignore[attr-defined]
-            if ext.status is Status.UNALLOCATED:
-                return self.read_below(offset, length)
+        if inside == length and len(extents) == 1 and extents[0].status is Status.DATA:
+            return self.driver.file.pread(extents[0].host_offset, length)  # type: ignore[attr-defined]
         out = bytearray(length)
         self._fill(offset, memoryview(out), extents)
         return out
@@ -133,51 +163,36 @@ class Node:
         byte, however deep the chain); nothing of the buffer's old content
         is left, so a buffer can be used again without clearing it."""
         inside = max(0, min(len(view), self.size - offset))
-        if inside:
-            self._fill(offset, view, self.driver.block_status(offset, inside, want_zero=False))
-        zero_fill(view[inside:])
+        self._fill(offset, view, self.driver.block_status(offset, inside, want_zero=False) if inside else [])
 
     def _fill(self, offset: int, view: memoryview, extents: list[Extent]) -> None:
-        for ext in extents:
+        """Fill `view` (guest bytes from `offset`) given this node's own extents."""
+        for node, ext in self.chain_status(offset, len(view), False, extents):
             at = ext.guest_offset - offset
             part = view[at:at + ext.length]
             if ext.status is Status.DATA:
-                self.driver.file.pread_into(ext.host_offset, part)  # type: ignore[attr-defined]
-            elif ext.status is Status.UNALLOCATED and self.backing_node is not None:
-                self.backing_node.read_into(ext.guest_offset, part)
+                node.driver.file.pread_into(ext.host_offset, part)  # type: ignore[attr-defined]
             elif ext.status is Status.COMPRESSED:
-                cluster = self.driver.read_compressed(ext.guest_offset)  # type: ignore[attr-defined]
+                cluster = node.driver.read_compressed(ext.guest_offset)  # type: ignore[attr-defined]
                 start = ext.guest_offset % len(cluster)
                 part[:] = cluster[start:start + ext.length]
-            else:  # zero, or unallocated with nothing below
+            else:
                 zero_fill(part)
 
     def resolve_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, object | None, int]]:
-        """Where a guest range's bytes live, run by run: (guest offset, length,
-        file, host offset) for data in one image file of the chain, file None
-        for what is not stored as plain data (zeros, compressed, past the end)."""
-        inside = max(0, min(length, self.size - offset))
-        for ext in self.driver.block_status(offset, inside, want_zero=False) if inside else ():
+        """Where a guest range's bytes live, run by run (in no particular
+        order): (guest offset, length, file, host offset) for data in one
+        image file of the chain, file None for what is not stored as plain
+        data (zeros, compressed, past the end)."""
+        for node, ext in self.chain_status(offset, length, want_zero=False):
             if ext.status is Status.DATA:
-                yield ext.guest_offset, ext.length, self.driver.file, ext.host_offset  # type: ignore[attr-defined]
-            elif ext.status is Status.UNALLOCATED and self.backing_node is not None:
-                yield from self.backing_node.resolve_runs(ext.guest_offset, ext.length)
+                yield ext.guest_offset, ext.length, node.driver.file, ext.host_offset  # type: ignore[attr-defined]
             else:
                 yield ext.guest_offset, ext.length, None, 0
-        if inside < length:
-            yield offset + inside, length - inside, None, 0
 
     def reads_as_zero(self, offset: int, length: int) -> bool:
         """Does block status alone (no data read) show the range as zeros?"""
-        inside = max(0, min(length, self.size - offset))
-        for ext in self.driver.block_status(offset, inside) if inside else ():
-            if ext.status is Status.UNALLOCATED:
-                below = self.backing_node
-                if below is not None and not below.reads_as_zero(ext.guest_offset, ext.length):
-                    return False
-            elif ext.status is not Status.ZERO:
-                return False
-        return True
+        return all(ext.status is Status.ZERO for _, ext in self.chain_status(offset, length))
 
     def read_below(self, offset: int, length: int) -> bytes | bytearray:
         """What this node's backing shows for a range: zeros where there is none."""
