@@ -137,7 +137,7 @@ def _daemon_chain(record: MountRecord, client: QmpClient) -> list[tuple[str, str
     known = {n.get("node-name"): n.get("file") for n in record.nodes}
     cwd = _daemon_cwd(record)
     chain = []
-    for node in client.execute("query-named-block-nodes"):
+    for node in client.execute("query-named-block-nodes", flat=True):  # O(depth), not O(depth²)
         name, file = node["node-name"], node["file"]
         chain.append((name, known.get(name) or os.path.join(cwd, file)))
     return chain

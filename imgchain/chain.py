@@ -10,8 +10,10 @@ inode) is refused. `Chain` is the synchronous Python API on top
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import resource
 from types import TracebackType
 
 from imgchain.formats import UnsupportedFeature, probe_format
@@ -42,11 +44,34 @@ def resolve_backing_name(overlay: str, name: str) -> str:
     return overlay[:overlay.rfind("/") + 1] + name  # ref: path_combine, purely lexical
 
 
+class OpenFileLimit(ImgchainError):
+    """The process may open no more files (EMFILE), even after raising its limit."""
+
+
 def _open_file(path: str, writable: bool, lock: Perms | None) -> BlockFile:
+    """Open one image file; at the open-file limit, raise the soft limit to
+    the hard one (as QEMU does at start-up) and try once more."""
+    for retry in (True, False):
+        try:
+            return BlockFile(path, writable, lock)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                raise ImgchainError(f"Could not open '{path}': {exc.strerror}") from None
+            if not (retry and raise_open_file_limit()):
+                raise OpenFileLimit(f"Could not open '{path}': {exc.strerror}") from None
+    raise AssertionError("unreachable")
+
+
+def raise_open_file_limit() -> bool:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit; False if it already was."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return False
     try:
-        return BlockFile(path, writable, lock)
-    except OSError as exc:
-        raise ImgchainError(f"Could not open '{path}': {exc.strerror}") from None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def open_image(path: str, writable: bool = False, fmt: str | None = None,
@@ -144,10 +169,39 @@ def open_backing_chain(path: str, writable: bool = False, fmt: str | None = None
                                   (path, owner))
             attach_backing(node, below)
             node = below
+    except OpenFileLimit:
+        close_chain(top)
+        raise OpenFileLimit(_file_limit_message(path)) from None
     except BaseException:
         close_chain(top)
         raise
     return top
+
+
+def _file_limit_message(path: str) -> str:
+    """Why a chain cannot be opened at the open-file limit, and by how much:
+    its length (counted header by header, one file open at a time) against
+    the limit, with the files the process holds anyway."""
+    images, name = 0, path
+    seen: set[tuple[int, int]] = set()
+    while name:
+        try:
+            ident = _file_id(name)
+            if ident in seen:
+                break
+            seen.add(ident)
+            node = open_image(name, lock=None)
+        except (ImgchainError, UnsupportedFeature, OSError):
+            images += 1  # the rest of the chain is not counted; the open reports it
+            break
+        images += 1
+        backing = node.driver.backing_file
+        node.close()
+        name = resolve_backing_name(name, backing) if backing and not protocol_of(backing) else ""
+    held = len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (f"{path}: a chain of {images} images needs about {images + held} open files; "
+            f"the limit is {soft} (ulimit -n)")
 
 
 def _open_backing(overlay: Node, seen: set[tuple[int, int]], taken: set[str],

@@ -102,7 +102,7 @@ class Daemon:
                  "type": "unknown", "inserted": node_summary(root)}]
 
     async def query_named_block_nodes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [node_summary(n) for n in self.nodes]
+        return [node_summary(n, args.get("flat", False)) for n in self.nodes]
 
     async def quit(self, args: dict[str, Any]) -> dict[str, Any]:
         self.quit_requested.set()
@@ -128,8 +128,18 @@ class Daemon:
                 node.close()
 
 
-def image_summary(node: Node) -> dict[str, Any]:
-    """query-named-block-nodes' ImageInfo: filename, format, sizes, nested backing image."""
+def image_summary(node: Node, flat: bool = False) -> dict[str, Any]:
+    """query-named-block-nodes' ImageInfo: filename, format, sizes, and (unless
+    `flat`) the nested backing image, built in a loop down the chain as QEMU's
+    bdrv_block_device_info does, so a chain of any depth has one."""
+    infos = [_image_info(n) for n in ([node] if flat else node.chain())]
+    for above, below in zip(infos, infos[1:]):
+        above["backing-image"] = below
+    return infos[0]
+
+
+def _image_info(node: Node) -> dict[str, Any]:
+    """One node's ImageInfo without its backing image."""
     info: dict[str, Any] = {"filename": node.filename, "format": node.format_name,
                             "virtual-size": node.size, "dirty-flag": False}
     if node.driver.cluster_size:
@@ -140,17 +150,16 @@ def image_summary(node: Node) -> dict[str, Any]:
             info["backing-filename-format"] = node.driver.backing_format
     if node.backing_node is not None:
         info["full-backing-filename"] = node.backing_node.filename
-        info["backing-image"] = image_summary(node.backing_node)
     return info
 
 
-def node_summary(node: Node) -> dict[str, Any]:
-    """QEMU's BlockDeviceInfo for one node."""
+def node_summary(node: Node, flat: bool = False) -> dict[str, Any]:
+    """QEMU's BlockDeviceInfo for one node (`flat`: its image without the backing images)."""
     depth = len(node.chain()) - 1
     summary: dict[str, Any] = {"node-name": node.node_name, "file": node.filename,
                                "drv": node.format_name, "ro": not node.writable,
                                "backing_file_depth": depth, "encrypted": False,
-                               "image": image_summary(node)}
+                               "image": image_summary(node, flat)}
     if node.driver.backing_file:
         summary["backing_file"] = node.driver.backing_file
     return summary

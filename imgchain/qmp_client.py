@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from .errors import ImgchainError
+from .qmp_json import deep_json
 
 CONNECT_RETRY_SECONDS = 5.0  # a burst of clients can fill the daemon's listen backlog
 
@@ -55,7 +56,8 @@ class QmpClient:
         line = self._file.readline()
         if not line:
             raise QmpClientError(f"the daemon at '{self.path}' closed the connection")
-        return json.loads(line)
+        with deep_json():  # query-block of a deep chain
+            return json.loads(line)
 
     def execute(self, command: str, **arguments: Any) -> Any:
         """Run one command; returns its "return" value or raises QmpClientError."""

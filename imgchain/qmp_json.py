@@ -28,12 +28,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 MAX_MESSAGE = 1 << 20  # bytes in one message
 MAX_NESTING = 128  # open brackets; far below Python's recursion limit
 MAX_TOKENS = 4096  # brackets, strings, commas and colons in one message
+
+DEEP_NESTING = 30_000  # the recursion limit a deep reply is encoded or decoded under (see deep_json)
 
 _STRUCTURE = re.compile(rb'["\[\]{}\n]')
 # Inside a string only a quote, a backslash or a raw newline matters. A raw
@@ -98,10 +102,26 @@ def decode_message(raw: bytes) -> Any:
     return value
 
 
+@contextmanager
+def deep_json() -> Any:
+    """Let json's C code recurse as deep as a reply nests: query-block nests one
+    ImageInfo per image of the chain (as QEMU does), thousands of levels for a
+    deep chain, past Python's default recursion limit. The json module needs
+    a few hundred bytes of C stack per level, so this bound stays far inside
+    the main thread's stack."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, DEEP_NESTING))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
 def encode_message(message: dict[str, Any]) -> bytes:
     """A reply or event as one line of JSON (never NaN or Infinity)."""
     try:
-        return (json.dumps(message, allow_nan=False) + "\r\n").encode()
+        with deep_json():
+            return (json.dumps(message, allow_nan=False) + "\r\n").encode()
     except (ValueError, TypeError, RecursionError):
         reply = {k: v for k, v in message.items() if k != "id"}
         try:
