@@ -116,7 +116,13 @@ def chain_filenames(path: str) -> list[str]:
 
 
 def map_runs(top: Node) -> list[Run]:
-    """The merged map runs of an opened chain, in guest order.
+    """The merged map runs of an opened chain, in guest order."""
+    return merge_runs(chain_runs(top))
+
+
+def chain_runs(top: Node) -> list[Run]:
+    """Who answers each guest range of an opened chain, in guest order, not
+    merged: each run is one layer's piece (cut by the layers above).
 
     Layer by layer: `pending` holds the ranges no layer above allocates; the
     part of a range past the next layer's end (or with no next layer) is
@@ -133,7 +139,7 @@ def map_runs(top: Node) -> list[Run]:
         if not pending:
             break
     runs.sort()
-    return merge_runs(runs)
+    return runs
 
 
 def _sweep(layer: "_Layer", pending: list[tuple[int, int]], limit: int, runs: list[Run]) -> list[tuple[int, int]]:
