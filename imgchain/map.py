@@ -276,33 +276,20 @@ class _Layer:
                 for e in self.node.driver.block_status(0, self.size)]
 
     def _table_runs(self, l1_index: int) -> list[Run]:
-        """The runs of one L2 table, gaps included."""
+        """The runs of one L2 table, gaps included; data split at the holes
+        of a preallocated file."""
         driver = self.node.driver
         bits = driver.geo.cluster_bits  # type: ignore[attr-defined]
         base = l1_index * driver.geo.l2_span  # type: ignore[attr-defined]
         _, table = driver.l2_table(l1_index)  # type: ignore[attr-defined]
-        entries = min(len(table), -(-(self.size - base) >> bits))
-        depth = self.depth
-        runs: list[Run] = []
-        pos = base
-        for first, end, entry in _entry_runs(table, entries, bits, driver.filename, base):
-            lo, hi = base + (first << bits), base + (end << bits)
-            if lo > pos:
-                runs.append((pos, lo, depth, False, True, False, NO_OFFSET))
-            host = entry & L2E_OFFSET_MASK
-            if entry & QCOW_OFLAG_COMPRESSED:
-                runs.append((lo, hi, depth, True, False, True, NO_OFFSET))
-            elif entry & QCOW_OFLAG_ZERO:
-                runs.append((lo, hi, depth, True, True, False, host or NO_OFFSET))
-            elif not self.preallocated():
-                runs.append((lo, hi, depth, True, False, True, host))
-            else:
-                runs += self._host_runs(lo, hi, host)
-            pos = hi
-        end = min(self.size, base + (entries << bits))
-        if end > pos:
-            runs.append((pos, end, depth, False, True, False, NO_OFFSET))
-        return runs
+        end = min(self.size, base + (len(table) << bits))
+        runs = _l2_runs(table, base, end, bits, self.depth, driver.filename)
+        if not any(r[5] and r[6] >= 0 for r in runs) or not self.preallocated():
+            return runs
+        out: list[Run] = []
+        for run in runs:
+            out += self._host_runs(*run[:2], run[6]) if run[5] and run[6] >= 0 else [run]
+        return out
 
     def _host_runs(self, lo: int, hi: int, host: int) -> list[Run]:
         """Data at `host`, with the holes of the qcow2 file itself as zero."""
@@ -319,18 +306,25 @@ class _Layer:
         return self._preallocated
 
 
-def _entry_runs(table: array, entries: int, bits: int, filename: str,
-                base: int) -> list[tuple[int, int, int]]:
-    """Runs (first index, end index, first entry) of allocated L2 entries
-    among the first `entries` of `table`, each extending while the next
-    entry continues it (the next host cluster with the same flags, or the
-    same zero entry). One pass over the non-zero entries only
-    (`itertools.compress` skips the others at C speed); an entry with flag
-    bits but no cluster is unallocated."""
+def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename: str) -> list[Run]:
+    """The runs of an L2 table over the guest range [base, end) (the table's
+    range, cut at the image's end), gaps (unallocated) included.
+
+    One pass over the non-zero entries only (`itertools.compress` skips the
+    others at C speed). A run goes on while the next entry continues it
+    (the next host cluster with the same flags, or the same zero entry), so
+    most entries cost one comparison; an entry with flag bits but no
+    cluster is unallocated. QEMU's flags: compressed is data with no
+    offset; zero, plain or with a kept cluster; normal data at its offset."""
     cs = 1 << bits
-    runs: list[tuple[int, int, int]] = []
+    entries = -(-(end - base) >> bits)
+    runs: list[Run] = []
+    append = runs.append
+    pos = base  # where the last run ended
     first = run_end = next_entry = -1
-    step = head = 0
+    step = 0
+    zero = data = False
+    offset = NO_OFFSET
     for i in itertools.compress(range(entries), table):
         entry = table[i]
         if i == run_end and entry == next_entry:
@@ -338,22 +332,33 @@ def _entry_runs(table: array, entries: int, bits: int, filename: str,
             next_entry += step
             continue
         if first >= 0:
-            runs.append((first, run_end, head))
+            lo, pos = base + (first << bits), base + (run_end << bits)
+            append((lo, pos, depth, True, zero, data, offset))
         host = entry & L2E_OFFSET_MASK
         if entry & QCOW_OFLAG_COMPRESSED:
-            next_entry = -1
-        elif host % cs:
-            raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
-                                         f"(guest offset {base + (i << bits):#x})")
-        elif not host and not entry & QCOW_OFLAG_ZERO:
-            first = run_end = next_entry = -1
-            continue
+            zero, data, offset, next_entry = False, True, NO_OFFSET, -1
         else:
+            if host % cs:
+                raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
+                                             f"(guest offset {base + (i << bits):#x})")
+            if entry & QCOW_OFLAG_ZERO:
+                zero, data, offset = True, False, host or NO_OFFSET
+            elif host:
+                zero, data, offset = False, True, host
+            else:
+                first = run_end = next_entry = -1
+                continue
             step = cs if host else 0
             next_entry = entry + step if host < _FAST_HOST_LIMIT else -1
-        first, run_end, head = i, i + 1, entry
+        lo = base + (i << bits)
+        if lo > pos:
+            append((pos, lo, depth, False, True, False, NO_OFFSET))
+        first, run_end = i, i + 1
     if first >= 0:
-        runs.append((first, run_end, head))
+        lo, pos = base + (first << bits), min(end, base + (run_end << bits))
+        append((lo, pos, depth, True, zero, data, offset))
+    if end > pos:
+        append((pos, end, depth, False, True, False, NO_OFFSET))
     return runs
 
 
