@@ -20,22 +20,12 @@ import pytest
 
 from imgchain.compare import compare_images
 
-from .conftest import qemu_img, qemu_io
+from .conftest import qemu_img
 from .mounting import cli
+from .random_chains import build_random_chain, create, io
 
 MiB = 1 << 20
 SEEDS = int(os.environ.get("IMGCHAIN_SEEDS", "6"))
-
-
-def io(image: str, *commands: str, fmt: str = "qcow2") -> None:
-    proc = qemu_io(image, *commands, fmt=fmt)
-    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
-
-
-def create(name: str, size: int | str | None, *options: str) -> None:
-    """qemu-img create; no size: the backing's."""
-    fmt = "raw" if name.endswith(".raw") else "qcow2"
-    qemu_img("create", "-q", "-f", fmt, *options, name, *([] if size is None else [str(size)]), check=True)
 
 
 def assert_same_as_qemu(a: str, b: str) -> None:
@@ -107,46 +97,12 @@ def test_cli_prints_what_qemu_img_prints(images: list[str], pair: tuple[str, str
             assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, "")
 
 
-def build_random(rng: random.Random) -> list[str]:
-    """A random chain of 1-4 layers (raw or qcow2 base, mixed cluster sizes,
-    backings sometimes shorter, random writes, zero writes and discards),
-    its raw and qcow2 copies, and the layer below the top."""
-    size = rng.choice([4, 8]) * MiB
-    raw_base = rng.random() < 0.5
-    names = ["l0.raw" if raw_base else "l0.qcow2"]
-    create(names[0], size if rng.random() < 0.7 else size // 2,
-           *([] if raw_base else ["-o", f"cluster_size={rng.choice([4096, 65536])}"]))
-    for i in range(1, rng.randint(1, 4)):
-        layer_size = size if rng.random() < 0.8 else size - rng.choice([1, 2]) * MiB // 2
-        create(f"l{i}.qcow2", layer_size, "-o", f"cluster_size={rng.choice([4096, 65536, 512 * 1024])}",
-               "-b", names[-1], "-F", "raw" if i == 1 and raw_base else "qcow2")
-        names.append(f"l{i}.qcow2")
-    for name in names:
-        fmt = "raw" if name.endswith(".raw") else "qcow2"
-        limit = os.path.getsize(name) if fmt == "raw" else int(
-            qemu_img("info", "--output=json", name).stdout.split('"virtual-size": ')[1].split(",")[0])
-        commands = []
-        for _ in range(rng.randint(0, 8)):
-            offset = rng.randrange(limit // 4096) * 4096
-            length = min(rng.choice([4096, 65536, 299520, MiB]), limit - offset)
-            kind = rng.random()
-            if kind < 0.5:
-                commands.append(f"write -P {rng.randrange(256)} {offset} {length}")
-            elif kind < 0.8:
-                commands.append(f"write -z {offset} {length}")
-            elif fmt == "qcow2":
-                commands.append(f"discard {offset} {length}")
-        if commands:
-            io(name, *commands, fmt=fmt)
-    top = names[-1]
-    qemu_img("convert", "-O", "raw", top, "copy.raw", check=True)
-    qemu_img("convert", "-O", "qcow2", top, "copy.qcow2", check=True)
-    return [top, "copy.raw", "copy.qcow2", *names[-2:-1]]
-
-
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_random_chains_compare_as_qemu_img(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     monkeypatch.chdir(tmp_path)
-    images = build_random(random.Random(seed))
+    names = build_random_chain(random.Random(seed))
+    qemu_img("convert", "-O", "raw", names[-1], "copy.raw", check=True)
+    qemu_img("convert", "-O", "qcow2", names[-1], "copy.qcow2", check=True)
+    images = [names[-1], "copy.raw", "copy.qcow2", *names[-2:-1]]  # and the layer below the top
     for a, b in itertools.combinations(images, 2):
         assert_same_as_qemu(a, b)

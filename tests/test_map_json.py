@@ -19,16 +19,11 @@ import pytest
 
 from imgchain.map import map_json
 
-from .conftest import qemu_img, qemu_io
+from .conftest import qemu_img
 from .mounting import cli
+from .random_chains import build_random_chain, io
 
-MiB = 1 << 20
 SEEDS = int(os.environ.get("IMGCHAIN_SEEDS", "6"))
-
-
-def io(image: str, *commands: str, fmt: str = "qcow2") -> None:
-    proc = qemu_io(image, *commands, fmt=fmt)
-    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
 
 
 def assert_map_text_matches(name: str) -> str:
@@ -101,42 +96,9 @@ def test_many_extents_over_several_l2_tables(cwd: Path) -> None:
     assert assert_map_text_matches("l2.qcow2").count("\n") > 1000
 
 
-def build_random(rng: random.Random) -> str:
-    """A random chain (raw or qcow2 base, mixed cluster sizes, shorter
-    backings, writes, zero writes, discards); returns the top."""
-    size = rng.choice([4, 8]) * MiB
-    raw_base = rng.random() < 0.5
-    names = ["l0.raw" if raw_base else "l0.qcow2"]
-    options = [] if raw_base else ["-o", f"cluster_size={rng.choice([4096, 65536])}"]
-    qemu_img("create", "-q", "-f", "raw" if raw_base else "qcow2", *options, names[0],
-             str(size if rng.random() < 0.7 else size // 2), check=True)
-    for i in range(1, rng.randint(2, 4)):
-        layer_size = size if rng.random() < 0.8 else size - MiB
-        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={rng.choice([4096, 65536, 512 * 1024])}",
-                 "-b", names[-1], "-F", "raw" if i == 1 and raw_base else "qcow2", f"l{i}.qcow2",
-                 str(layer_size), check=True)
-        names.append(f"l{i}.qcow2")
-    for name in names:
-        fmt = "raw" if name.endswith(".raw") else "qcow2"
-        limit = (os.path.getsize(name) if fmt == "raw" else size) // 4096 * 4096 - MiB
-        commands = []
-        for _ in range(rng.randint(1, 10)):
-            offset, length = rng.randrange(limit // 4096) * 4096, rng.choice([4096, 65536, 299520, MiB])
-            kind = rng.random()
-            if kind < 0.5:
-                commands.append(f"write -P {rng.randrange(256)} {offset} {length}")
-            elif kind < 0.8:
-                commands.append(f"write -z {offset} {length}")
-            elif fmt == "qcow2":
-                commands.append(f"discard {offset} {length}")
-        if commands:
-            io(name, *commands, fmt=fmt)
-    return names[-1]
-
-
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_random_chains_map_as_qemu_img(cwd: Path, seed: int) -> None:
-    top = build_random(random.Random(seed))
+    top = build_random_chain(random.Random(seed))[-1]
     theirs = qemu_img("map", "--output=json", top)
     assert theirs.returncode == 0, theirs.stderr
     assert map_json(top) == theirs.stdout
