@@ -165,6 +165,10 @@ def ratio(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+TABLE_HEAD = ("| measurement | imgchain wall s | qemu-img wall s | wall ratio (min-max) | imgchain CPU s | "
+              "qemu-img CPU s | CPU ratio (min-max) |\n|---|---|---|---|---|---|---|")
+
+
 def row(pair: Pair) -> str:
     ours, theirs = [r[0] for r in pair.runs], [r[1] for r in pair.runs]
     wall = [a.wall / b.wall for a, b in pair.runs]
@@ -181,8 +185,6 @@ def floor_row(runs: list[Timing]) -> str:
 
 def report(pairs: list[Pair], floor: list[Timing], args: argparse.Namespace, command: str, machine: str,
            loads: tuple[str, str]) -> str:
-    head = ("| measurement | imgchain wall s | qemu-img wall s | wall ratio (min-max) | imgchain CPU s | "
-            "qemu-img CPU s | CPU ratio (min-max) |\n|---|---|---|---|---|---|---|")
     return "\n".join([
         f"### {SECTION}", "",
         f"Measured {machine}. Load average at start {loads[0]}, at end {loads[1]}.", "",
@@ -193,7 +195,7 @@ def report(pairs: list[Pair], floor: list[Timing], args: argparse.Namespace, com
         f"exactly what `qemu-img check` printed (human and JSON, same exit code) on every image measured. "
         f"Medians of {args.repeat} runs (check) and {args.startup_repeat} runs (start-up), the two tools "
         f"alternating; ratios are imgchain / qemu-img run by run, then the median (min-max).", "",
-        head, *(row(p) for p in pairs), floor_row(floor), "",
+        TABLE_HEAD, *(row(p) for p in pairs), floor_row(floor), "",
         "Command:", "", "```sh", command, "```",
     ])
 

@@ -42,17 +42,18 @@ CLUSTERS = SIZE // CLUSTER
 class DeepChain:
     folder: Path
     model: bytes  # the guest content
+    depth: int = DEPTH
 
     @property
     def top(self) -> Path:
-        return self.folder / _name(DEPTH - 1)
+        return self.folder / _name(self.depth - 1)
 
     def clone(self, dst: Path) -> "DeepChain":
         """A copy of the chain's folder (holes kept), for a test that changes it."""
         dst.mkdir()
         for f in self.folder.iterdir():
             subprocess.run(["cp", "--sparse=always", f, dst / f.name], check=True)
-        return DeepChain(dst, self.model)
+        return DeepChain(dst, self.model, self.depth)
 
     def model_file(self) -> Path:
         path = self.folder.parent / f"{self.folder.name}-model.raw"
@@ -65,7 +66,7 @@ def _name(layer: int) -> str:
     return "l0000.raw" if layer == 0 else f"l{layer:04d}.qcow2"
 
 
-def build_deep_chain(folder: Path) -> DeepChain:
+def build_deep_chain(folder: Path, depth: int = DEPTH) -> DeepChain:
     """l0000.raw (sparse: data in its first quarter) <- l0001.qcow2 <- ... ;
     every third layer writes one cluster, every ninth also zeroes one, all
     between the first eighth and the last quarter, so the base still
@@ -79,12 +80,12 @@ def build_deep_chain(folder: Path) -> DeepChain:
     with pytest.MonkeyPatch.context() as mp:  # building needs no durability: skip the syncs
         mp.setattr(os, "fsync", lambda fd: None)
         mp.setattr(os, "fdatasync", lambda fd: None)
-        for layer in range(1, DEPTH):
+        for layer in range(1, depth):
             below = _name(layer - 1)
             create_qcow2(str(folder / _name(layer)), SIZE, CLUSTER, below, "raw" if layer == 1 else "qcow2")
             if layer % 3 == 0:
                 _write_layer(folder / _name(layer), layer, model)
-    return DeepChain(folder, bytes(model))
+    return DeepChain(folder, bytes(model), depth)
 
 
 def _write_layer(path: Path, layer: int, model: bytearray) -> None:
