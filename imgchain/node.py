@@ -179,17 +179,6 @@ class Node:
             else:
                 zero_fill(part)
 
-    def resolve_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, object | None, int]]:
-        """Where a guest range's bytes live, run by run (in no particular
-        order): (guest offset, length, file, host offset) for data in one
-        image file of the chain, file None for what is not stored as plain
-        data (zeros, compressed, past the end)."""
-        for node, ext in self.chain_status(offset, length, want_zero=False):
-            if ext.status is Status.DATA:
-                yield ext.guest_offset, ext.length, node.driver.file, ext.host_offset  # type: ignore[attr-defined]
-            else:
-                yield ext.guest_offset, ext.length, None, 0
-
     def reads_as_zero(self, offset: int, length: int) -> bool:
         """Does block status alone (no data read) show the range as zeros?"""
         return all(ext.status is Status.ZERO for _, ext in self.chain_status(offset, length))

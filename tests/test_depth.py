@@ -126,8 +126,9 @@ def test_deep_chain_reads_through_every_layer(deep: DeepChain) -> None:
             length = rng.randrange(1, SIZE - offset + 1)
             assert chain.read(offset, length) == deep.model[offset:offset + length]
         top = chain.active
-        runs = sorted(top.resolve_runs(0, SIZE))
-        assert sum(n for _, n, _, _ in runs) == SIZE  # every byte resolved somewhere
+        pieces = sorted((ext.guest_offset, ext.end) for _, ext in top.chain_status(0, SIZE))
+        assert sum(end - start for start, end in pieces) == SIZE  # every byte answered by one layer
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
         assert top.reads_as_zero(SIZE - CLUSTER, CLUSTER) == (deep.model[-CLUSTER:] == bytes(CLUSTER))
 
 
