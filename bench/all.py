@@ -13,6 +13,8 @@ stay as they are):
 - active.py: active commit and live snapshot under fio, against qsd;
 - offline.py: check of written 1 TiB and 16 TiB images and the start-up of
   info, check and commit, against qemu-img;
+- depth.py: map --output json of a 4 GiB chain and a 2000-layer chain's
+  map, check, compare, stream and commit, against qemu-img;
 - scale.py: 4 KiB reads through 256 layers against one layer, and the
   daemon's peak memory on 1 TiB, 16 TiB and deep chains against qsd.
 
@@ -60,6 +62,7 @@ STEPS = [
 EXTRA_STEPS = [
     Step("offline", "offline.py", (),
          ("--sizes", "1 TiB", "--writes", "2000", "--repeat", "1", "--startup-repeat", "5")),
+    Step("map-depth", "depth.py", (), ("--quick", "--depth", "0")),
     Step("deep", "scale.py", ("deep", "--layers", "256", "--pin", "0", "--repeat", "3", "--runtime", "8", "--ramp", "2"),
          None),
     Step("memory", "scale.py", ("memory", "--huge", "1T,16T", "--runtime", "20", "--repeat", "1"),
