@@ -55,7 +55,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jobs import fresh_copy, loadavg, p999, read_lat_log, socket_of, write_out  # noqa: E402
-from run import (build_chain, cleanup_mounts, compile_sources, imgchain_export, log, machine_line,  # noqa: E402
+from run import (build_original, cleanup_mounts, compile_sources, imgchain_export, log, machine_line,  # noqa: E402
                  parse_size, run, short_path, stop)
 
 MARK = "<!-- bench/active.py: {} {} -->"  # begin/end, section
@@ -416,11 +416,7 @@ def main() -> None:
     machine, load_start = machine_line(), loadavg()
     results: dict[tuple[int, str], list[Result]] = {}
     try:
-        orig = work_root / "orig"
-        orig.mkdir()
-        t0 = time.monotonic()
-        build_chain(orig, size, args.seed)
-        log(f"chain built in {time.monotonic() - t0:.1f} s in {orig}")
+        orig = build_original(work_root, size, args.seed)
         for i in range(args.repeat):
             log(f"-- repetition {i + 1} of {args.repeat}")
             for depth, engine in depths:

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (IMGCHAIN, build_chain, cleanup_mounts, compile_sources, imgchain_export, log,  # noqa: E402
+from run import (IMGCHAIN, build_original, cleanup_mounts, compile_sources, imgchain_export, log,  # noqa: E402
                  machine_line, parse_size, run, short_path, warm)
 
 from imgchain.backend import BlockBackend  # noqa: E402
@@ -515,11 +515,7 @@ def main() -> None:
     compile_sources()
     machine, load_start = machine_line(), loadavg()
     try:
-        orig = work_root / "orig"
-        orig.mkdir()
-        t0 = time.monotonic()
-        build_chain(orig, size, args.seed)
-        log(f"chain built in {time.monotonic() - t0:.1f} s in {orig}")
+        orig = build_original(work_root, size, args.seed)
         for i in range(args.repeat):
             log(f"-- repetition {i + 1} of {args.repeat}")
             repetition(orig, work_root / "w", plan, i == 0 and not args.no_verify, wanted)

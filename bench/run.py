@@ -175,6 +175,17 @@ def allocate_rest(path: Path, size: int, rng: random.Random) -> None:
                     chain.write(pos, rng.randbytes(CLUSTER))
 
 
+def build_original(work_root: Path, size: int, seed: int) -> Path:
+    """The chain every run of a job benchmark copies afresh: built once in
+    work_root/orig, timed in the log; returns that folder."""
+    orig = work_root / "orig"
+    orig.mkdir()
+    t0 = time.monotonic()
+    build_chain(orig, size, seed)
+    log(f"chain built in {time.monotonic() - t0:.1f} s in {orig}")
+    return orig
+
+
 def build_chain(work: Path, size: int, seed: int, top_allocated: bool = False) -> Path:
     """base.raw <- mid.qcow2 <- top.qcow2; returns top.qcow2. With
     `top_allocated`, every cluster of top.qcow2 is then written too."""
