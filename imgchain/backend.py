@@ -211,7 +211,7 @@ class BlockBackend:
         try:
             length = max(0, min(len(view), self.size - offset))
             if self.debug.rules:
-                await self.debug.delay(node, "read", offset, length)
+                await self.debug.delay(node, "read", offset, length, trio.sleep)
             elif length and self._read_into_mapped(offset, view[:length]):
                 return length
             node.read_into(offset, view[:length])
@@ -406,7 +406,7 @@ class BlockBackend:
         self._begin()
         try:
             if self.debug.rules:
-                await self.debug.delay(node, "write", offset, len(data))
+                await self.debug.delay(node, "write", offset, len(data), trio.sleep)
             elif self.write_now(offset, data):
                 return
             try:  # nothing else runs before the maps forget what the write moves
@@ -447,7 +447,7 @@ class BlockBackend:
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         async with self._request() as node:
-            await self.debug.delay(node, "write", offset, length)
+            await self.debug.delay(node, "write", offset, length, trio.sleep)
             self._unmap(offset, length)
             node.write_zeroes(offset, length)
             self._notify_write(offset, length)
@@ -457,7 +457,7 @@ class BlockBackend:
         the loop (it reads and changes the driver's state); only the final
         fdatasync, which changes nothing in memory, goes to a worker thread."""
         async with self._request() as node:
-            await self.debug.delay(node, "flush", 0, 0)
+            await self.debug.delay(node, "flush", 0, 0, trio.sleep)
             node.write_back()
             await trio.to_thread.run_sync(node.sync_file)
 

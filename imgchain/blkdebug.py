@@ -16,8 +16,7 @@ import errno as errno_mod
 import json
 import os
 from dataclasses import dataclass
-
-import trio
+from typing import Awaitable, Callable
 
 from .errors import ImgchainError
 from .node import Node
@@ -86,8 +85,10 @@ class BlkDebug:
             raise ImgchainError(f"{ENV}={path}: expected a JSON list of rules")
         return cls([_parse_rule(r, f"{ENV}={path}") for r in raw])
 
-    async def delay(self, node: Node, op: str, offset: int, length: int) -> None:
-        """Apply the rules that match a request issued on `node`."""
+    async def delay(self, node: Node, op: str, offset: int, length: int,
+                    sleep: Callable[[float], Awaitable[None]]) -> None:
+        """Apply the rules that match a request issued on `node`, sleeping
+        with `sleep` (the loop the request runs on)."""
         if not self.rules:
             return
         reached = node.chain() if op == "read" else [node]
@@ -95,6 +96,6 @@ class BlkDebug:
             if any(rule.matches(n, op, offset, length) for n in reached):
                 rule.spent = rule.once
                 if rule.delay_ms:
-                    await trio.sleep(rule.delay_ms / 1000)
+                    await sleep(rule.delay_ms / 1000)
                 if rule.errno is not None:
                     raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected by {ENV})")

@@ -28,8 +28,7 @@ import os
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Protocol
 
-import trio
-
+from .aio import AioContext, TrioContext
 from .chain import reopen_node, resolve_backing_name
 from .errors import ImgchainError
 from .node import Child, Node, attach_backing, detach_backing
@@ -80,7 +79,8 @@ class GraphLock:
 class BlockGraph:
     """Every node of a daemon, its devices and its jobs' claims on them."""
 
-    def __init__(self) -> None:
+    def __init__(self, aio: AioContext | None = None) -> None:
+        self.aio: AioContext = aio or TrioContext()  # where drains, syncs and jobs wait
         self.nodes: dict[str, Node] = {}
         self.backends: list["BlockBackend"] = []
         self.jobs: list[Quiescable] = []  # jobs that are still attached to nodes
@@ -88,7 +88,7 @@ class BlockGraph:
         self.quiesce_counter = 0
         # Invariant: a node is a key while a worker thread syncs its file (sync_off_loop).
         self._syncing: dict[Node, int] = {}
-        self._sync_ended = trio.Event()
+        self._sync_ended = self.aio.event()
         # Called after every change of links, roots or membership (the daemon
         # rewrites its mount record so `imgchain mounts` shows the chain as it is).
         self.listeners: list[Callable[[], None]] = []
@@ -250,13 +250,13 @@ class BlockGraph:
         then be refused and the node left without a file)."""
         self._syncing[node] = self._syncing.get(node, 0) + 1
         try:
-            await trio.to_thread.run_sync(node.sync_file)
+            await self.aio.run_in_thread(node.sync_file)
         finally:
             self._syncing[node] -= 1
             if not self._syncing[node]:
                 del self._syncing[node]
             self._sync_ended.set()
-            self._sync_ended = trio.Event()
+            self._sync_ended = self.aio.event()
 
     async def wait_syncs(self, node: Node) -> None:
         """Until no off-loop sync of `node`'s file is running."""

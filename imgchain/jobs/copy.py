@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import trio
-
 from imgchain.extent import Status
 
 from .job import Job, JobFailed, error_text
@@ -156,10 +154,10 @@ class CopyJob(Job):
     async def _copy(self, offset: int, length: int) -> int:
         self.stage = "read"
         source = self.read_node()
-        await self.manager.debug.delay(source, "read", offset, length)
+        await self.injected(source, "read", offset, length)
         data = self.buffer.read(source, offset, length)
         self.stage = "write"
-        await self.manager.debug.delay(self.target_node(), "write", offset, length)
+        await self.injected(self.target_node(), "write", offset, length)
         written = self.write_range(offset, data)
         if written:
             for backend in self.manager.graph.backends:

@@ -1,6 +1,6 @@
 """The job engine: QEMU's job state machine, verbs, pause, cancel, rate limit and error policy.
 
-A `Job` runs as one trio task (`lifecycle`): `run` copies data and never
+A `Job` runs as one task (`lifecycle`) of its graph's `AioContext`: `run` copies data and never
 changes the graph, pausing at a pause point after every chunk; `prepare` is
 the only place that changes the graph (drained, BlockGraph's order); `abort`
 undoes what can be undone; `clean` always runs last. The transitions and the
@@ -15,8 +15,6 @@ from __future__ import annotations
 import errno
 import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
-import trio
 
 from imgchain.errors import ImgchainError
 from imgchain.formats import FormatError
@@ -76,7 +74,8 @@ def error_text(exc: BaseException) -> str:
 class RateLimit:
     """QEMU's ratelimit.h: a quota of bytes per 100 ms slice, 0 = unlimited."""
 
-    def __init__(self, speed: int = 0) -> None:
+    def __init__(self, now: Callable[[], float], speed: int = 0) -> None:
+        self.now = now
         self.speed = speed
         self.slice_start = self.slice_end = -1.0
         self.dispatched = 0
@@ -86,7 +85,7 @@ class RateLimit:
         if not self.speed:
             return 0.0
         quota = max(self.speed * SLICE_SECONDS, 1)
-        now = trio.current_time()
+        now = self.now()
         if self.slice_end < now:  # the (possibly extended) slice is over
             self.slice_start, self.slice_end, self.dispatched = now, now + SLICE_SECONDS, 0
         self.dispatched += n
@@ -110,7 +109,8 @@ class Job:
         self.on_error = on_error
         self.auto_finalize = auto_finalize
         self.auto_dismiss = auto_dismiss
-        self.limit = RateLimit(speed)
+        self.aio = manager.graph.aio
+        self.limit = RateLimit(self.aio.now, speed)
         # Invariant: pause_count > 0 while anything (user, drain, start) wants the job paused;
         # it starts at 1 and the start of `lifecycle` drops it (job_start).
         self.pause_count = 1
@@ -128,10 +128,10 @@ class Job:
         self.target: "Node | None" = None  # the node it writes into
         self.target_was_read_only = False  # reopened read-write for the job: read-only again at the end
         self.stage = "read"  # the I/O a chunk is doing, for BLOCK_JOB_ERROR's operation
-        self._kick = trio.Event()
-        self._not_busy = trio.Event()
-        self._finalize = trio.Event()
-        self.done = trio.Event()  # concluded (or dismissed)
+        self._kick = self.aio.event()
+        self._not_busy = self.aio.event()
+        self._finalize = self.aio.event()
+        self.done = self.aio.event()  # concluded (or dismissed)
         self.transition("created")
 
     # -- state machine ------------------------------------------------------
@@ -167,9 +167,8 @@ class Job:
         self._kick.set()
 
     async def _wait_kick(self, seconds: float) -> None:
-        with trio.move_on_after(seconds):
-            await self._kick.wait()
-        self._kick = trio.Event()
+        await self.aio.wait(self._kick, seconds)
+        self._kick = self.aio.event()
 
     async def pause_point(self) -> None:
         """QEMU's job_pause_point: stop here while paused (not when cancelled)."""
@@ -195,6 +194,10 @@ class Job:
         await self.sleep(delay)
         while not self.cancelled and (delay := self.limit.delay(0)) > 0:
             await self.sleep(delay)
+
+    async def injected(self, node: "Node", op: str, offset: int, length: int) -> None:
+        """The fault injection rules (blkdebug) for the job's own I/O."""
+        await self.manager.debug.delay(node, op, offset, length, self.aio.sleep)
 
     def chunk(self) -> "_Chunk":
         """`with job.chunk():` around the I/O of one chunk (drains wait for it)."""
@@ -419,4 +422,4 @@ class _Chunk:
         self.job.manager.graph.lock.rdunlock()
         self.job.busy = False
         self.job._not_busy.set()
-        self.job._not_busy = trio.Event()
+        self.job._not_busy = self.job.aio.event()

@@ -13,8 +13,6 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
-import trio
-
 from imgchain.blkdebug import BlkDebug
 from imgchain.graph import BlockGraph
 
@@ -38,14 +36,16 @@ class JobManager:
         self.debug = debug or BlkDebug([])
         self.jobs: dict[str, Job] = {}
         self.listeners: list[Listener] = []
-        self._nursery: trio.Nursery | None = None
+        self._nursery: Any = None  # serve()'s trio nursery
         self._pending: list[Job] = []  # created before serve() started
         self._launching: set[str] = set()  # ids of jobs between their checks and their start
 
     # -- tasks --------------------------------------------------------------
 
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run jobs until cancelled (the daemon's lifetime)."""
+    async def serve(self, task_status: Any = None) -> None:
+        """Run jobs as trio tasks until cancelled (the daemon's lifetime)."""
+        import trio  # only a graph on trio's loop serves; the synchronous loop runs `take_pending`
+        task_status = task_status or trio.TASK_STATUS_IGNORED
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for job in self._pending:
@@ -64,6 +64,12 @@ class JobManager:
         else:
             self._nursery.start_soon(job.lifecycle)
         return job
+
+    def take_pending(self) -> list[Job]:
+        """The jobs started while nothing serves, for a caller that runs
+        their `lifecycle` itself (the synchronous loop of the CLI)."""
+        pending, self._pending = self._pending, []
+        return pending
 
     async def launch(self, job: Job, frozen: list, target: "Node", nodes: list["Node"], reason: str) -> Job:
         """Start a job that has frozen the links `frozen`: `nodes` blocked
@@ -94,8 +100,8 @@ class JobManager:
         self.graph.unblock(job, job.nodes)
         dropped = self.graph.collect()
         if dropped:
-            with trio.CancelScope(shield=True):  # a node out of the graph is closed whatever happens
-                await trio.to_thread.run_sync(_close_all, dropped)
+            # shielded: a node out of the graph is closed whatever happens
+            await self.graph.aio.run_in_thread(_close_all, dropped, shield=True)
 
     def forget(self, job: Job) -> None:
         """Dismissed (status null): the id is free again."""

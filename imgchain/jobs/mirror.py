@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
 from imgchain.backend import BlockBackend
 from imgchain.graph import GraphError
 from imgchain.node import Node
@@ -160,10 +158,10 @@ class ActiveCommitJob(Job):
 
     async def _copy(self, offset: int, length: int) -> None:
         self.stage = "read"
-        await self.manager.debug.delay(self.top, "read", offset, length)
+        await self.injected(self.top, "read", offset, length)
         data = self.buffer.read(self.top, offset, length)
         self.stage = "write"
-        await self.manager.debug.delay(self.base, "write", offset, length)
+        await self.injected(self.base, "write", offset, length)
         if is_zero(data):
             self.base.write_zeroes(offset, length)
         else:
@@ -207,7 +205,7 @@ class ActiveCommitJob(Job):
             copied += length
             if copied >= CHUNK:
                 copied = 0
-                await trio.lowlevel.checkpoint()
+                await self.aio.checkpoint()
 
     def _stop_tracking(self) -> None:
         if self._on_guest_write in self.backend.write_notifiers:

@@ -3,11 +3,13 @@
 `OfflineChain` opens IMAGE's backing chain writable, as a mount would (the
 same image locks: IMAGE as the active writer, its backing files as backing
 readers), in a `BlockGraph` without a device: nothing but the job writes to
-it. `run` starts a stream or commit with the QMP arguments on the same job
-engine a daemon uses, reports progress to a callback, and turns SIGINT
-(Ctrl-C) into a cancel of the job: the job stops at its next pause point and
-ends with the chain as it was (a cancel that comes once the job has begun its
-graph change is too late, as in QEMU; the job then completes).
+it. `stream` and `commit` start a job with the QMP arguments on the same job
+engine a daemon uses, run on a synchronous loop (`imgchain.aio.SyncContext`:
+nothing but the job runs here, and the CLI does not pay for importing trio),
+report progress to a callback, and turn SIGINT (Ctrl-C) into a cancel of
+the job: the job stops at its next pause point and ends with the chain as
+it was (a cancel that comes once the job has begun its graph change is too
+late, as in QEMU; the job then completes).
 
 `commit` follows `qemu-img commit`: without a base, IMAGE is committed into
 its immediate backing and then emptied (`make_empty`, every cluster
@@ -24,10 +26,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any, Callable
 
-import trio
-
+from imgchain.aio import SyncContext
 from imgchain.blkdebug import BlkDebug
 from imgchain.chain import open_backing_chain
 from imgchain.errors import ImgchainError
@@ -76,16 +78,21 @@ class Interrupts:
     def __init__(self) -> None:
         self.count = 0
         self._old: Any = None
+        self._depth = 0  # entered again by whoever runs the job: only the outermost exit restores
 
     def _handler(self, signum: int, frame: object) -> None:
         self.count += 1
 
     def __enter__(self) -> "Interrupts":
-        self._old = signal.signal(signal.SIGINT, self._handler)
+        if not self._depth:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self._old)
+        self._depth -= 1
+        if not self._depth:
+            signal.signal(signal.SIGINT, self._old)
 
 
 class OfflineChain:
@@ -97,7 +104,10 @@ class OfflineChain:
     def __init__(self, image: str, trust_backing: bool = False, interrupts: Interrupts | None = None) -> None:
         self.image = image
         self.interrupts = interrupts or Interrupts()
-        self.graph = BlockGraph()
+        self._job: Job | None = None  # the job running now, for `_poll`
+        self._progress: Progress | None = None
+        self._next_progress = 0.0
+        self.graph = BlockGraph(SyncContext(self._poll))
         self.top = open_backing_chain(image, writable=True, trust_backing=trust_backing)
         self.graph.add_chain(self.top)
         self.graph.jobs.append(_Holder(self.top.chain()))
@@ -154,60 +164,33 @@ class OfflineChain:
 
     def _run(self, create: Callable[[], Any], progress: Progress | None,
              after: Callable[[], None] | None = None) -> Job:
-        return trio.run(self._main, create, progress, after)
-
-    async def _main(self, create: Callable[[], Any], progress: Progress | None,
-                    after: Callable[[], None] | None) -> Job:
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
-            job = await create()  # a refusal raises here, before any task runs
-
-            def interrupt() -> None:
-                if job.status not in ("concluded", "null", "aborting"):
-                    job.cancel(force=True)
-
-            async def on_signals() -> None:
-                async for _ in signals:
-                    self.interrupts.count += 1
-                    interrupt()
-
-            if self.interrupted:
-                interrupt()
-
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(on_signals)
-                    await nursery.start(self.manager.serve)
-                    if progress is not None:
-                        nursery.start_soon(self._report, job, progress)
-                    await job.done.wait()
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                raise _single(group) from None
+        """Create the job and run it to its end in this thread (the graph's
+        SyncContext: no event loop, nothing else runs); every pause point
+        polls for Ctrl-C and draws the progress."""
+        with self.interrupts:
+            job = SyncContext.run(create())  # a refusal raises here, before the job runs
+            self._job, self._progress = job, progress
+            self._poll()
+            for started in self.manager.take_pending():
+                SyncContext.run(started.lifecycle())
+            self._job = None
             if progress is not None:
                 progress(job)
             if after is not None and job.error is None:
-                after()  # synchronous: a Ctrl-C now is only noted
+                after()  # a Ctrl-C now is only noted
         return job
 
-    @staticmethod
-    async def _report(job: Job, progress: Progress) -> None:
-        while not job.done.is_set():
-            progress(job)
-            await trio.sleep(PROGRESS_INTERVAL)
-
-
-def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one error a nursery raised (a group of one), else the group."""
-    leaves = list(_leaves(group))
-    return leaves[0] if len(leaves) == 1 else group
-
-
-def _leaves(exc: BaseException) -> Any:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
+    def _poll(self) -> None:
+        """The loop's hook: a Ctrl-C cancels the job; progress every PROGRESS_INTERVAL."""
+        job = self._job
+        if job is None:
+            return
+        if self.interrupted and job.status not in ("concluded", "null", "aborting"):
+            job.cancel(force=True)
+        now = time.monotonic()
+        if self._progress is not None and now >= self._next_progress:
+            self._next_progress = now + PROGRESS_INTERVAL
+            self._progress(job)
 
 
 def check_offline_args(args: dict[str, Any]) -> None:
