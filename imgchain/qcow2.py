@@ -462,14 +462,14 @@ class Qcow2Driver:
         """Free the host clusters of unlinked entries (after the unlink is durable)."""
         refcounts = self._require_writable()
         cs = self.geo.cluster_size
+        clusters: list[int] = []
         for entry in entries:
             if classify_l2(entry) is ClusterType.COMPRESSED:
                 ext = compressed_extent(entry, self.geo.cluster_bits)
-                first = ext.host_offset // cs
-                count = (ext.host_offset + ext.length - 1) // cs - first + 1
-                refcounts.free(first * cs, count)
+                clusters.extend(range(ext.host_offset // cs, (ext.host_offset + ext.length - 1) // cs + 1))
             else:
-                refcounts.free(l2_host_offset(entry))
+                clusters.append(l2_host_offset(entry) // cs)
+        refcounts.free_clusters(clusters)
 
     def write_zeroes(self, offset: int, length: int, read_below: ReadBelow) -> None:
         """Zero a range: whole clusters become zero clusters (hiding the

@@ -11,7 +11,7 @@ the cluster (`barrier`), and a decrease comes only after the unlink.
 from __future__ import annotations
 
 from array import array
-from typing import Callable
+from typing import Callable, Iterable
 
 from imgchain.formats.qcow2_header import Qcow2Header
 from imgchain.formats.qcow2_tables import (
@@ -195,10 +195,30 @@ class RefcountManager:
     def free(self, host_offset: int, count: int = 1) -> None:
         """Drop one reference from each cluster (the unlink must be durable)."""
         first = host_offset >> self.geo.cluster_bits
-        for c in range(first, first + count):
-            value = self.get(c)
-            if value:
-                self.set(c, value - 1)
+        self.free_clusters(range(first, first + count))
+
+    def free_clusters(self, clusters: Iterable[int]) -> None:
+        """Drop one reference from each host cluster listed (twice if listed
+        twice), with one write per refcount block touched: emptying an image
+        frees thousands of clusters. A refcount already 0 stays 0."""
+        by_block: dict[int, list[int]] = {}
+        for cluster in clusters:
+            block_off = self.block_offset(cluster)
+            if block_off:
+                by_block.setdefault(block_off, []).append(cluster)
+        for block_off, members in by_block.items():
+            block = self.blocks.get(block_off, self._load_block)  # changed and written before the next get
+            changed = []
+            for cluster in members:
+                i = self.geo.refblock_index(cluster)
+                if block[i]:
+                    block[i] -= 1
+                    changed.append(i)
+                    if not block[i]:
+                        self.free_hint = min(self.free_hint, cluster)
+            if changed:
+                lo, hi = min(changed), max(changed)
+                self.file.pwrite(block_off + 2 * lo, encode_refcount16(array("H", block[lo:hi + 1])))
 
     def _find_free(self, count: int) -> int:
         """First run of `count` clusters with refcount 0 that the table covers."""
