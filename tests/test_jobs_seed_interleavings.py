@@ -23,7 +23,9 @@ from imgchain.backend import BlockBackend
 from imgchain.blkdebug import BlkDebug, Rule
 from imgchain.chain import open_backing_chain
 from imgchain.graph import BlockGraph
+from imgchain.jobs import mirror
 from imgchain.jobs.commit import create_commit
+from imgchain.jobs.copy import allocated_above
 from imgchain.jobs.manager import JobManager
 from imgchain.jobs.snapshot import snapshot_sync
 from imgchain.jobs.stream import create_stream
@@ -255,6 +257,34 @@ async def test_guest_requests_are_served_while_the_pivot_copies_a_backlog(chain:
         await job.done.wait()
         nursery.cancel_scope.cancel()
     assert job.error is None and s.backend.root.node_name == "img-6"
+    s.close()
+
+
+async def test_guest_requests_are_served_while_an_active_commit_scans_the_allocation(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan that fills the dirty bitmap at the start of an active commit
+    yields between slices (the whole device at once held the guest for
+    46 ms on a 1 GiB top): a guest read issued as it starts completes
+    before the bitmap is whole, and the job still copies everything."""
+    monkeypatch.setattr(mirror, "SCAN_SLICE", 1 * MIB)
+    s = Setup(chain, [])
+    root = s.backend.root
+    expected = bytes(await s.backend.read(0, root.size))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
+        total = sum(n for _, n in allocated_above(root, s.node("img-6"), 0, root.size)) // job.dirty.granule
+        while not s.backend.write_notifiers:  # the job's task has begun its scan
+            await trio.lowlevel.checkpoint()
+        await s.backend.read(3 * MIB, 4096)
+        marked_when_read = job.dirty.count
+        await until(lambda: job.status == "ready")
+        job.complete()
+        await job.done.wait()
+        nursery.cancel_scope.cancel()
+    assert 0 < total and marked_when_read < total, (marked_when_read, total)
+    assert job.error is None and s.backend.root.node_name == "img-6"
+    assert bytes(await s.backend.read(0, root.size)) == expected
     s.close()
 
 
