@@ -12,7 +12,7 @@ unlink (durable) before free.
 from __future__ import annotations
 
 from array import array
-from typing import Callable
+from typing import Callable, Iterator
 
 from imgchain.formats import CorruptImage
 from imgchain.formats.qcow2_header import (
@@ -444,19 +444,32 @@ class Qcow2Driver:
     def write_back(self) -> None:
         """Write pending metadata in crash-safe order (qcow2_pending); the
         caller's flush of the file then makes it durable."""
+        for _ in self.write_back_steps():
+            self.file.flush()
+
+    def write_back_steps(self) -> Iterator[None]:
+        """`write_back` as steps: it yields wherever a barrier is due, and the
+        caller makes the file durable (`barrier`, or an fdatasync in a worker
+        thread) before resuming it. Between the steps nothing else may write
+        to this image (a job's target, which only the job writes): the
+        tables taken are written as they are when the step resumes."""
         if not self.pending:
             return
         work = self.pending.take()
-        self.barrier()  # data and COW before the L2 entries that point to them
+        yield from self._barrier_due()  # data and COW before the L2 entries that point to them
         for offset, dirty in sorted(work.l2.items()):
             self.file.pwrite(offset + 8 * dirty.lo, encode_u64_table(dirty.table[dirty.lo:dirty.hi + 1]))
         if work.l1:
-            self.barrier()  # new L2 tables before the L1 entries that point to them
+            yield from self._barrier_due()  # new L2 tables before the L1 entries that point to them
             for i in sorted(work.l1):
                 self.file.pwrite(self.header.l1_table_offset + 8 * i, encode_u64(self.l1[i]))
         if work.unlinked:
-            self.barrier()  # unlink before free
+            yield from self._barrier_due()  # unlink before free
             self._drop_clusters(work.unlinked)
+
+    def _barrier_due(self) -> Iterator[None]:
+        if self.ordered:
+            yield
 
     def _drop_clusters(self, entries: list[int]) -> None:
         """Free the host clusters of unlinked entries (after the unlink is durable)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 from .blockfile import BlockFile
 from .errors import ImageIOError
@@ -92,6 +92,9 @@ class RawDriver:
 
     def write_back(self) -> None:
         """Raw images keep no metadata in memory."""
+
+    def write_back_steps(self) -> Iterator[None]:
+        return iter(())
 
     def flush(self) -> None:
         if self.file.writable:

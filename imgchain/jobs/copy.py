@@ -100,14 +100,26 @@ class BounceBuffer:
         return view
 
 
-async def sync_outside_drain(graph: "BlockGraph", node: "Node") -> None:
+async def sync_outside_drain(graph: "BlockGraph", node: "Node", only_writer: bool = False) -> None:
     """Make what a job wrote into `node` durable before its graph change
     drains, with the long fdatasync in a worker thread: the data first (the
     loop keeps serving guest I/O meanwhile), then the metadata write-back,
     whose ordering barrier then finds little left to sync, then once more.
-    The drain after it holds guest I/O only for the few writes since."""
+    The drain after it holds guest I/O only for the few writes since.
+
+    When the job is the `only_writer` of `node` (a commit's base: no device
+    writes it), the write-back's barriers run in the worker thread too; a
+    barrier on the loop waits for the filesystem's journal, and held every
+    guest request for 10-15 ms during an active commit's pivot. A node the
+    guest writes (a stream's top) keeps them on the loop: a guest write
+    between the barrier and the table writes could otherwise reach the
+    disk's tables before its data."""
     await graph.sync_off_loop(node)
-    node.write_back()
+    if only_writer:
+        for _ in node.write_back_steps():
+            await graph.sync_off_loop(node)
+    else:
+        node.write_back()
     await graph.sync_off_loop(node)
 
 

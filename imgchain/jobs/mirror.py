@@ -125,7 +125,7 @@ class ActiveCommitJob(Job):
                 return  # prepare copies the rest with guest I/O held: a short hold, however busy the guest
             if not self.dirty.count:
                 if self.status == "running":
-                    await sync_outside_drain(self.manager.graph, self.base)
+                    await sync_outside_drain(self.manager.graph, self.base, only_writer=True)
                     if self.cancelled:
                         continue
                     self.transition("ready")  # as QEMU: in sync once, whatever arrived during the flush
@@ -183,10 +183,11 @@ class ActiveCommitJob(Job):
         graph = self.manager.graph
         for _ in range(3):  # converge outside the drain: what came during the syncs is copied first
             await self._copy_dirty_down_to(PIVOT_BACKLOG)
-            await sync_outside_drain(self.manager.graph, self.base)
-            # the old top too: it is closed after the pivot, and on ext4 a sync of base
-            # inside the drain would otherwise wait for the guest's new data in top
-            await sync_outside_drain(self.manager.graph, self.top)
+            await sync_outside_drain(self.manager.graph, self.base, only_writer=True)
+            # the old top's data too, or on ext4 the sync of base inside the drain would wait for
+            # the guest's new data in top; not its metadata (a write-back's barriers would run on
+            # the loop): it is written back when top is closed after the pivot, in a worker thread
+            await graph.sync_off_loop(self.top)
             if self.dirty.count * self.dirty.granule <= PIVOT_BACKLOG:
                 break
         async with graph.drained():
