@@ -130,6 +130,19 @@ class Qmp:
         self.sock.close()
 
 
+def scanned_length(qmp: Qmp) -> int:
+    """The job's len once it has begun copying (offset > 0) or is READY:
+    both jobs fill their dirty bitmap from the allocation first (QEMU's
+    mirror_dirty_init), and len grows while they do. Polled every 10 ms."""
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while time.monotonic() < deadline:
+        job = next((j for j in qmp.execute("query-block-jobs") if j["device"] == "job0"), None)
+        if job is None or job["offset"] > 0 or job.get("ready"):
+            return job["len"] if job else 0
+        time.sleep(0.01)
+    return 0
+
+
 # -- exporters ----------------------------------------------------------------------
 # (work directory, mount point, fio's engine) -> (QMP socket path, device for block-commit, what names
 # the active node after the pivot for blockdev-snapshot-sync, fio's arguments naming the target and its engine)
@@ -191,7 +204,7 @@ class Window:
 class Result:
     ready_s: float | None  # block-commit to BLOCK_JOB_READY (None: no READY within READY_TIMEOUT)
     copied: int  # the job's offset at READY: bytes it copied
-    to_copy: int  # the job's length at its first query: what was dirty at the start
+    to_copy: int  # the job's length once its copy has begun: what was dirty at the start
     fio_iops: float  # fio's writes per second from the command to READY
     idle_iops: float  # fio's writes per second before the job
     idle: Window
@@ -234,8 +247,7 @@ def one_run(work: Path, side: str, depth: int, engine: str, size: int, fio_size:
                 raise RuntimeError(f"fio exited early: {fio.stderr.read().decode().strip()}")  # type: ignore[union-attr]
             start = time.time()
             qmp.execute("block-commit", device=device, **{"base-node": "mid", "job-id": "job0"})
-            jobs = qmp.execute("query-block-jobs")
-            to_copy = next((j["len"] for j in jobs if j["device"] == "job0"), 0)
+            to_copy = scanned_length(qmp)
             ready = qmp.wait_event(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
                                    ready_timeout)
             ready_at = time.time()

@@ -266,7 +266,7 @@ async def test_guest_requests_are_served_while_an_active_commit_scans_the_alloca
     yields between slices (the whole device at once held the guest for
     46 ms on a 1 GiB top): a guest read issued as it starts completes
     before the bitmap is whole, and the job still copies everything."""
-    monkeypatch.setattr(mirror, "SCAN_SLICE", 1 * MIB)
+    monkeypatch.setattr(mirror, "SCAN_SLICE", 64 * 1024)  # a granule: the scan takes many rounds of the loop
     s = Setup(chain, [])
     root = s.backend.root
     expected = bytes(await s.backend.read(0, root.size))

@@ -145,6 +145,7 @@ class ActiveCommitJob(Job):
         for start in range(0, self.top.size, SCAN_SLICE):
             for off, n in allocated_above(self.top, self.base, start, min(SCAN_SLICE, self.top.size - start)):
                 self.dirty.mark(off, n)
+            self.length = self.dirty.count * self.dirty.granule  # the job's len grows as the scan goes
             await self.aio.checkpoint()
 
     async def _copy_dirty_run(self) -> int:
