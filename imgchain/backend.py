@@ -119,6 +119,17 @@ class BlockBackend:
         self._root_fd: int = root.driver.file.fd  # type: ignore[attr-defined]
         # allocated_file_size's last answer and when it was taken (monotonic).
         self._allocation = (0, -ALLOCATION_TTL)
+        # Invariant: syncs_running counts fdatasyncs of this device's chain
+        # running in worker threads (the device's flush, a job's syncs: see
+        # BlockGraph.sync_off_loop). While one runs, the file system makes
+        # writes wait for its journal (5-15 ms each on ext4), so writes in
+        # place go to a worker thread too: one waiting write then does not
+        # hold the fifteen behind it (`_write_in_place_off_loop`).
+        self.syncs_running = 0
+        # Invariant: the writes in place now running in a worker thread; a
+        # zeroing (which may free their clusters) waits until there are none.
+        self._writes_off_loop = 0
+        self._writes_off_loop_done: trio.Event | None = None
 
     # -- requests ---------------------------------------------------------
 
@@ -166,21 +177,44 @@ class BlockBackend:
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
         """A write inside one cluster that the root holds in place, done now;
-        False when it must go through `write`."""
-        index = offset >> self._map_bits
-        group = self._groups.get(index >> GROUP_BITS)
-        if (group is None or self.quiesce_counter or self.debug.rules or not data
-                or (offset + len(data) - 1) >> self._map_bits != index or offset + len(data) > self.size):
+        False when it must go through `write` (also while a sync runs)."""
+        at = None if self.syncs_running else self._in_place_at(offset, len(data))
+        if at is None:
             return False
-        host = group[FILL_CLUSTERS + (index & GROUP_MASK)]
-        if not host:
-            return False
-        at = host + (offset & self._map_mask)
         if os.pwrite(self._root_fd, data, at) != len(data):  # short: write it all again
             self.root.driver.file.pwrite(at, data)
         if self.write_notifiers:
             self._notify_write(offset, len(data))
         return True
+
+    def _in_place_at(self, offset: int, length: int) -> int | None:
+        """Where in the root's file a write inside one cluster that the root
+        holds in place lands (the map knows); None otherwise, or while
+        drained, or with fault rules."""
+        index = offset >> self._map_bits
+        group = self._groups.get(index >> GROUP_BITS)
+        if (group is None or self.quiesce_counter or self.debug.rules or not length
+                or (offset + length - 1) >> self._map_bits != index or offset + length > self.size):
+            return None
+        host = group[FILL_CLUSTERS + (index & GROUP_MASK)]
+        return host + (offset & self._map_mask) if host else None
+
+    async def _write_in_place_off_loop(self, at: int, data: bytes | memoryview) -> None:
+        """A write in place in a worker thread (the caller counts it in
+        flight, so no drain, and no reopen of the root, happens meanwhile)."""
+        self._writes_off_loop += 1
+        try:
+            await trio.to_thread.run_sync(self.root.driver.file.pwrite, at, data)  # type: ignore[attr-defined]
+        finally:
+            self._writes_off_loop -= 1
+            if not self._writes_off_loop and self._writes_off_loop_done is not None:
+                self._writes_off_loop_done.set()
+                self._writes_off_loop_done = None
+
+    async def _wait_writes_off_loop(self) -> None:
+        while self._writes_off_loop:
+            self._writes_off_loop_done = self._writes_off_loop_done or trio.Event()
+            await self._writes_off_loop_done.wait()
 
     def _notify_write(self, offset: int, length: int) -> None:
         for notify in self.write_notifiers:
@@ -409,6 +443,10 @@ class BlockBackend:
                 await self.debug.delay(node, "write", offset, len(data), trio.sleep)
             elif self.write_now(offset, data):
                 return
+            elif self.syncs_running and (at := self._in_place_at(offset, len(data))) is not None:
+                await self._write_in_place_off_loop(at, data)
+                self._notify_write(offset, len(data))
+                return
             try:  # nothing else runs before the maps forget what the write moves
                 node.write(offset, data, self._read_below)
             finally:
@@ -448,6 +486,7 @@ class BlockBackend:
     async def write_zeroes(self, offset: int, length: int) -> None:
         async with self._request() as node:
             await self.debug.delay(node, "write", offset, length, trio.sleep)
+            await self._wait_writes_off_loop()  # a zeroed cluster may be freed: none may land in it later
             self._unmap(offset, length)
             node.write_zeroes(offset, length)
             self._notify_write(offset, length)
@@ -459,7 +498,11 @@ class BlockBackend:
         async with self._request() as node:
             await self.debug.delay(node, "flush", 0, 0, trio.sleep)
             node.write_back()
-            await trio.to_thread.run_sync(node.sync_file)
+            self.syncs_running += 1
+            try:
+                await trio.to_thread.run_sync(node.sync_file)
+            finally:
+                self.syncs_running -= 1
 
     # -- drain ------------------------------------------------------------
 

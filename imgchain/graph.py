@@ -249,9 +249,13 @@ class BlockGraph:
         image locks held until it returns (the reopen's new locks would
         then be refused and the node left without a file)."""
         self._syncing[node] = self._syncing.get(node, 0) + 1
+        for backend in self.backends:
+            backend.syncs_running += 1  # its writes in place go off the loop meanwhile
         try:
             await self.aio.run_in_thread(node.sync_file)
         finally:
+            for backend in self.backends:
+                backend.syncs_running -= 1
             self._syncing[node] -= 1
             if not self._syncing[node]:
                 del self._syncing[node]

@@ -245,3 +245,52 @@ async def test_clusters_that_cannot_be_mapped_are_resolved_once(chain3: Path) ->
         await backend.write(84 * KIB - 5, b"\x98" * 10)  # two clusters: forgotten, resolved again
         assert (await backend.read(84 * KIB, 4 * KIB))[:5] == b"\x98" * 5
         assert len(walks) == 2
+
+
+async def test_writes_in_place_go_off_the_loop_while_a_sync_runs(chain3: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an fdatasync of the chain runs in a worker thread (a job's, or the
+    device's flush), the file system can make a write wait for its journal:
+    writes in place then go to a worker thread too, so one held write does
+    not hold the requests behind it. A zeroing waits for them (it may free
+    their clusters); with no sync running, writes in place are done at once."""
+    release, held = trio.Event(), trio.Event()
+    real = trio.to_thread.run_sync
+
+    async def gated(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(fn, "__name__", "") == "pwrite":
+            held.set()
+            await release.wait()
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", gated)
+    with backend_on(chain3) as backend:
+        await backend.write(8 * KIB, b"\x81" * 100)  # allocated in top: in place from now on
+        await backend.read(0, 4 * KIB)
+        backend.syncs_running += 1  # as BlockGraph.sync_off_loop and flush do around their fdatasync
+        assert not backend.write_now(8 * KIB, b"\x82" * 100)
+        done: list[str] = []
+        async with trio.open_nursery() as nursery:
+            async def write_in_place() -> None:
+                await backend.write(8 * KIB, b"\x83" * 100)
+                done.append("write")
+
+            async def zero() -> None:
+                await backend.write_zeroes(8 * KIB, 4 * KIB)
+                done.append("zeroes")
+
+            nursery.start_soon(write_in_place)
+            with trio.fail_after(10):
+                await held.wait()
+            assert bytes(await backend.read(0, 4 * KIB)) == b"\xaa" * 4096  # served meanwhile
+            nursery.start_soon(zero)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == [] and backend.in_flight == 2  # both wait: the write in its thread, the zeroing for it
+            release.set()
+        assert done == ["write", "zeroes"]
+        assert backend.root.read(8 * KIB, 4 * KIB) == bytes(4 * KIB)
+        backend.syncs_running -= 1
+        await backend.write(16 * KIB, b"\x84" * 100)
+        await backend.read(16 * KIB, 4 * KIB)
+        assert backend.write_now(16 * KIB, b"\x85" * 100)  # no sync running: at once again
+    assert_qemu_clean(chain3)
