@@ -217,21 +217,6 @@ class Node:
         """Make everything written to this node durable."""
         self.driver.flush()
 
-    def in_place_run(self, offset: int, length: int) -> int | None:
-        """Host offset where a write of [offset, offset+length) lands in
-        place, one contiguous run of this node's file with no allocation,
-        copy or metadata change; None if it does not."""
-        if length <= 0 or offset + length > self.size:
-            return None
-        cs = self.driver.cluster_size or length
-        host = self.driver.in_place_host(offset)
-        pos = offset - offset % cs + cs
-        while host is not None and pos < offset + length:
-            if self.driver.in_place_host(pos) != host + (pos - offset):
-                return None
-            pos += cs
-        return host
-
     def write_back(self) -> None:
         """Issue pending metadata writes in crash-safe order, without the final sync."""
         self.driver.write_back()

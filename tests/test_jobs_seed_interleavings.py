@@ -288,45 +288,6 @@ async def test_guest_requests_are_served_while_an_active_commit_scans_the_alloca
     s.close()
 
 
-async def test_guest_requests_are_served_while_an_active_commit_writes_base_off_the_loop(
-        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A copy into base clusters that are already in place (a raw base: all
-    of them) runs in a worker thread: held there, it does not hold a guest
-    read or write, and a guest write to the range being copied is copied
-    again afterwards (the bitmap marks it once it lands)."""
-    release = trio.Event()
-    held = trio.Event()
-
-    async def gated(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__name__", "") == "pwrite" and not release.is_set():
-            held.set()
-            await release.wait()  # the job's write into base, held as a busy disk would
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", gated)
-    s = Setup(chain, [])
-    root = s.backend.root
-    model = bytearray(await s.backend.read(0, root.size))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.manager.serve)
-        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-0"})
-        with trio.fail_after(60):  # (simulated) without the worker thread the job never waits there
-            await held.wait()
-        offset = job.offset
-        assert bytes(await s.backend.read(9 * MIB, 4096)) == model[9 * MIB:9 * MIB + 4096]
-        await s.backend.write(0, b"\x5a" * 4096)  # the first range the job copies
-        model[0:4096] = b"\x5a" * 4096
-        assert job.offset == offset and job.status == "running"  # the job still waits in its write
-        release.set()
-        await until(lambda: job.status == "ready")
-        job.complete()
-        await job.done.wait()
-        nursery.cancel_scope.cancel()
-    assert job.error is None and s.backend.root.node_name == "img-0"
-    assert bytes(await s.backend.read(0, root.size)) == model
-    s.close()
-
-
 async def test_a_job_created_while_another_reopens_its_target_finds_the_nodes_busy(chain: Path,
                                                                                    autojump_clock: Any) -> None:
     """The stress mode's find: an intermediate commit of img-2 into img-0 waits

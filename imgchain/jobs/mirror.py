@@ -175,10 +175,6 @@ class ActiveCommitJob(Job):
         await self.injected(self.base, "write", offset, length)
         if is_zero(data):
             self.base.write_zeroes(offset, length)
-        elif (host := self.base.in_place_run(offset, length)) is not None:
-            # no metadata changes: the data goes in a worker thread while guest requests go on
-            # (only this job writes base; a filesystem busy with a sync makes such writes wait)
-            await self.aio.run_in_thread(self.base.driver.file.pwrite, host, data)  # type: ignore[attr-defined]
         else:
             self.base.write(offset, data)
 
