@@ -28,6 +28,7 @@ import bisect
 import itertools
 from array import array
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from imgchain.formats import CorruptImage
@@ -138,69 +139,66 @@ def chain_runs(top: Node) -> list[Run]:
         pending = _sweep(layer, pending, limit, runs)
         if not pending:
             break
-    runs.sort()
+    runs.sort(key=itemgetter(0))  # disjoint, none empty: no two start alike
     return runs
 
 
 def _sweep(layer: "_Layer", pending: list[tuple[int, int]], limit: int, runs: list[Run]) -> list[tuple[int, int]]:
     """Answer the sorted, disjoint `pending` ranges from one layer: what it
-    allocates becomes runs; what it leaves unallocated (its gaps) is returned
-    for the next layer below `limit` (the backing's size) and reads as
-    zeros here past it."""
+    allocates becomes runs; what it leaves unallocated (the holes between
+    its pieces) is returned for the next layer below `limit` (the backing's
+    size) and reads as zeros here past it (with no backing, `limit` 0,
+    everywhere).
+
+    One walk over the layer's pieces that meet the ranges: a piece inside a
+    range is taken as it is, one that sticks out is cut to it."""
     pieces = layer.pieces(pending)
-    ends = [p[1] for p in pieces]
+    ends = list(map(itemgetter(1), pieces))
+    count = len(pieces)
     left: list[tuple[int, int]] = []
-    forward = limit >= layer.size  # the backing answers every gap (the usual case)
+    answer, defer = runs.append, left.append
+    forward = limit >= layer.size  # the backing answers every hole (the usual case)
+    hole = (layer.depth, False, True, False, NO_OFFSET)  # how a hole reads where this layer answers it
     j = 0
     for start, end in pending:
         j = bisect.bisect_right(ends, start, j)
-        k = bisect.bisect_left(ends, end, j)
-        if k == j and forward:  # inside one piece: the common case below the top
-            lo, hi, depth, present, zero, data, offset = pieces[j]
-            if not present:
-                left.append((start, end))
+        pos = start
+        while pos < end:
+            if j < count and pieces[j][0] < end:
+                piece = pieces[j]
+                lo, hi, depth, present, zero, data, offset = piece
+                if lo > pos:  # a hole first
+                    stop = lo
+                else:
+                    stop = hi if hi < end else end
+                    if pos != lo or stop != hi:
+                        piece = (pos, stop, depth, present, zero, data, offset + pos - lo if offset >= 0 else offset)
+                    answer(piece)
+                    if hi <= end:
+                        j += 1
+                    pos = stop
+                    continue
             else:
-                runs.append((start, end, depth, True, zero, data, offset + start - lo if offset >= 0 else offset))
-            continue
-        seg = pieces[j:k + 1]
-        if seg[0][0] < start:
-            seg[0] = _cut(seg[0], start, seg[0][1])
-        if seg[-1][1] > end:
-            seg[-1] = _cut(seg[-1], seg[-1][0], end)
-        _route(seg, limit, forward, left, runs)
-        j = k
+                stop = end
+            if forward:
+                defer((pos, stop))
+            elif not limit:
+                answer((pos, stop) + hole)
+            else:
+                _open_range((pos, stop) + hole, limit, left, runs)
+            pos = stop
     return left
-
-
-def _route(seg: list[Run], limit: int, forward: bool, left: list[tuple[int, int]], runs: list[Run]) -> None:
-    """Allocated runs to `runs`, gaps to `left` or `runs` (see _open_range)."""
-    if limit == 0:  # no backing: the gaps are final
-        runs += seg
-    elif forward:
-        runs += [p for p in seg if p[3]]
-        left += [(p[0], p[1]) for p in seg if not p[3]]
-    else:
-        for p in seg:
-            if p[3]:
-                runs.append(p)
-            else:
-                _open_range(p, limit, left, runs)
-
-
-def _cut(run: Run, lo: int, hi: int) -> Run:
-    """`run` cut to [lo, hi), its offset moved along."""
-    start, _, depth, present, zero, data, offset = run
-    return (lo, hi, depth, present, zero, data, offset + lo - start if offset >= 0 else offset)
 
 
 def _open_range(gap: Run, limit: int, left: list[tuple[int, int]], runs: list[Run]) -> None:
     """A gap of a layer whose backing ends at `limit`: below it the next
     layer answers, past it the gap reads as zeros here."""
-    start, end = gap[0], gap[1]
+    start, end, depth, present, zero, data, offset = gap
     if start < limit:
         left.append((start, min(end, limit)))
     if end > limit:
-        runs.append(_cut(gap, max(start, limit), end))
+        lo = max(start, limit)
+        runs.append((lo, end, depth, present, zero, data, offset + lo - start if offset >= 0 else offset))
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
@@ -209,16 +207,17 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     if not runs:
         return []
     out: list[Run] = []
+    keep = out.append
     prev = runs[0]
     for run in itertools.islice(runs, 1, None):
-        if run[2:6] == prev[2:6] and prev[1] > prev[0]:
+        if run[2] == prev[2] and run[3:6] == prev[3:6] and prev[1] > prev[0]:  # the depth first: most differ there
             offset = prev[6]
             if run[6] == (offset + prev[1] - prev[0] if offset >= 0 else NO_OFFSET):
                 prev = (prev[0], run[1]) + prev[2:]
                 continue
-        out.append(prev)
+        keep(prev)
         prev = run
-    out.append(prev)
+    keep(prev)
     return out
 
 
@@ -239,9 +238,9 @@ class _Layer:
         self._host: RawDriver | None = None
 
     def pieces(self, ranges: list[tuple[int, int]]) -> list[Run]:
-        """This layer's runs, in order, over every L2 table that meets the
-        sorted `ranges` (the whole file of a raw layer); unallocated gaps are
-        runs too, with present false. They cover each table without a hole."""
+        """This layer's allocated runs, in order, in every L2 table that meets
+        the sorted `ranges` (the whole file of a raw layer, which has no
+        holes); between them the layer allocates nothing."""
         if not self.is_qcow2:
             return self._unit(-1)
         driver = self.node.driver
@@ -253,11 +252,6 @@ class _Layer:
             for index in range(max(last + 1, start // span), (end - 1) // span + 1):
                 if index >= len(l1) or l1_l2_offset(l1[index]):  # past L1: the driver reports it
                     out += self._unit(index)
-                else:  # a whole L2 range unallocated: one gap
-                    lo, hi = index * span, min(self.size, (index + 1) * span)
-                    if out and not out[-1][3] and out[-1][1] == lo:
-                        lo = out.pop()[0]
-                    out.append((lo, hi, self.depth, False, True, False, NO_OFFSET))
                 last = index
         return out
 
@@ -276,8 +270,8 @@ class _Layer:
                 for e in self.node.driver.block_status(0, self.size)]
 
     def _table_runs(self, l1_index: int) -> list[Run]:
-        """The runs of one L2 table, gaps included; data split at the holes
-        of a preallocated file."""
+        """The allocated runs of one L2 table; data split at the holes of a
+        preallocated file."""
         driver = self.node.driver
         bits = driver.geo.cluster_bits  # type: ignore[attr-defined]
         base = l1_index * driver.geo.l2_span  # type: ignore[attr-defined]
@@ -307,8 +301,8 @@ class _Layer:
 
 
 def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename: str) -> list[Run]:
-    """The runs of an L2 table over the guest range [base, end) (the table's
-    range, cut at the image's end), gaps (unallocated) included.
+    """The allocated runs of an L2 table over the guest range [base, end)
+    (the table's range, cut at the image's end).
 
     One pass over the non-zero entries only (`itertools.compress` skips the
     others at C speed). A run goes on while the next entry continues it
@@ -320,20 +314,17 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
     entries = -(-(end - base) >> bits)
     runs: list[Run] = []
     append = runs.append
-    pos = base  # where the last run ended
     first = run_end = next_entry = -1
     step = 0
     zero = data = False
     offset = NO_OFFSET
-    for i in itertools.compress(range(entries), table):
-        entry = table[i]
+    for i, entry in zip(itertools.compress(range(entries), table), filter(None, table)):
         if i == run_end and entry == next_entry:
             run_end += 1
             next_entry += step
             continue
         if first >= 0:
-            lo, pos = base + (first << bits), base + (run_end << bits)
-            append((lo, pos, depth, True, zero, data, offset))
+            append((base + (first << bits), base + (run_end << bits), depth, True, zero, data, offset))
         host = entry & L2E_OFFSET_MASK
         if entry & QCOW_OFLAG_COMPRESSED:
             zero, data, offset, next_entry = False, True, NO_OFFSET, -1
@@ -350,15 +341,9 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
                 continue
             step = cs if host else 0
             next_entry = entry + step if host < _FAST_HOST_LIMIT else -1
-        lo = base + (i << bits)
-        if lo > pos:
-            append((pos, lo, depth, False, True, False, NO_OFFSET))
         first, run_end = i, i + 1
     if first >= 0:
-        lo, pos = base + (first << bits), min(end, base + (run_end << bits))
-        append((lo, pos, depth, True, zero, data, offset))
-    if end > pos:
-        append((pos, end, depth, False, True, False, NO_OFFSET))
+        append((base + (first << bits), min(end, base + (run_end << bits)), depth, True, zero, data, offset))
     return runs
 
 
