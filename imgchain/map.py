@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -153,52 +153,54 @@ def _sweep(layer: "_Layer", pending: list[tuple[int, int]], limit: int, runs: li
     One walk over the layer's pieces that meet the ranges: a piece inside a
     range is taken as it is, one that sticks out is cut to it."""
     pieces = layer.pieces(pending)
+    starts = list(map(itemgetter(0), pieces))
+    starts.append(layer.size)  # no piece starts at or past the end
     ends = list(map(itemgetter(1), pieces))
-    count = len(pieces)
     left: list[tuple[int, int]] = []
-    answer, defer = runs.append, left.append
-    forward = limit >= layer.size  # the backing answers every hole (the usual case)
-    hole = (layer.depth, False, True, False, NO_OFFSET)  # how a hole reads where this layer answers it
+    answer = runs.append
+    # the usual case: the backing answers every hole
+    hole = left.append if limit >= layer.size else _holes_past(limit, layer.depth, left, runs)
     j = 0
     for start, end in pending:
         j = bisect.bisect_right(ends, start, j)
         pos = start
-        while pos < end:
-            if j < count and pieces[j][0] < end:
-                piece = pieces[j]
-                lo, hi, depth, present, zero, data, offset = piece
-                if lo > pos:  # a hole first
-                    stop = lo
-                else:
-                    stop = hi if hi < end else end
-                    if pos != lo or stop != hi:
-                        piece = (pos, stop, depth, present, zero, data, offset + pos - lo if offset >= 0 else offset)
-                    answer(piece)
-                    if hi <= end:
-                        j += 1
-                    pos = stop
-                    continue
-            else:
-                stop = end
-            if forward:
-                defer((pos, stop))
-            elif not limit:
-                answer((pos, stop) + hole)
-            else:
-                _open_range((pos, stop) + hole, limit, left, runs)
-            pos = stop
+        while starts[j] < end:
+            lo, hi = starts[j], ends[j]
+            if lo > pos:
+                hole((pos, lo))
+                pos = lo
+            piece = pieces[j]
+            if hi > end:  # it sticks out: the next range may start in it too
+                answer(_cut(piece, pos, end))
+                break
+            answer(piece if pos == lo else _cut(piece, pos, hi))
+            pos = hi
+            j += 1
+        else:
+            if pos < end:
+                hole((pos, end))
     return left
 
 
-def _open_range(gap: Run, limit: int, left: list[tuple[int, int]], runs: list[Run]) -> None:
-    """A gap of a layer whose backing ends at `limit`: below it the next
-    layer answers, past it the gap reads as zeros here."""
-    start, end, depth, present, zero, data, offset = gap
-    if start < limit:
-        left.append((start, min(end, limit)))
-    if end > limit:
-        lo = max(start, limit)
-        runs.append((lo, end, depth, present, zero, data, offset + lo - start if offset >= 0 else offset))
+def _cut(run: Run, lo: int, hi: int) -> Run:
+    """`run` cut to [lo, hi), its offset moved along."""
+    start, _, depth, present, zero, data, offset = run
+    return (lo, hi, depth, present, zero, data, offset + lo - start if offset >= 0 else offset)
+
+
+def _holes_past(limit: int, depth: int, left: list[tuple[int, int]], runs: list[Run]) -> Callable[[tuple[int, int]], None]:
+    """Where the holes of a layer whose backing ends at `limit` go: below it
+    to the next layer (`left`), past it they read as zeros at this layer's
+    depth (with no backing, `limit` 0, everywhere)."""
+    zeros = (depth, False, True, False, NO_OFFSET)
+
+    def add(span: tuple[int, int]) -> None:
+        lo, hi = span
+        if lo < limit:
+            left.append((lo, min(hi, limit)))
+        if hi > limit:
+            runs.append((max(lo, limit), hi) + zeros)
+    return add
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
@@ -311,6 +313,7 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
     cluster is unallocated. QEMU's flags: compressed is data with no
     offset; zero, plain or with a kept cluster; normal data at its offset."""
     cs = 1 << bits
+    special = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | (L2E_OFFSET_MASK & (cs - 1))  # not plain, aligned data
     entries = -(-(end - base) >> bits)
     runs: list[Run] = []
     append = runs.append
@@ -326,21 +329,20 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
         if first >= 0:
             append((base + (first << bits), base + (run_end << bits), depth, True, zero, data, offset))
         host = entry & L2E_OFFSET_MASK
-        if entry & QCOW_OFLAG_COMPRESSED:
+        if not entry & special and host:  # the usual entry: data at its offset
+            zero, data, offset, step = False, True, host, cs
+            next_entry = entry + cs if host < _FAST_HOST_LIMIT else -1
+        elif entry & QCOW_OFLAG_COMPRESSED:
             zero, data, offset, next_entry = False, True, NO_OFFSET, -1
-        else:
-            if host % cs:
-                raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
-                                             f"(guest offset {base + (i << bits):#x})")
-            if entry & QCOW_OFLAG_ZERO:
-                zero, data, offset = True, False, host or NO_OFFSET
-            elif host:
-                zero, data, offset = False, True, host
-            else:
-                first = run_end = next_entry = -1
-                continue
-            step = cs if host else 0
+        elif host % cs:
+            raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
+                                         f"(guest offset {base + (i << bits):#x})")
+        elif entry & QCOW_OFLAG_ZERO:
+            zero, data, offset, step = True, False, host or NO_OFFSET, cs if host else 0
             next_entry = entry + step if host < _FAST_HOST_LIMIT else -1
+        else:  # flag bits but no cluster: unallocated
+            first = run_end = next_entry = -1
+            continue
         first, run_end = i, i + 1
     if first >= 0:
         append((base + (first << bits), min(end, base + (run_end << bits)), depth, True, zero, data, offset))
@@ -396,12 +398,21 @@ _FLAGS = {(p, z, d): '"present": %s, "zero": %s, "data": %s' % tuple("true" if f
           for p in (False, True) for z in (False, True) for d in (False, True)}
 
 
+class _Middles(dict[tuple[int, bool, bool, bool], str]):
+    """An entry's text between its length and its offset, by (depth, present, zero, data)."""
+
+    def __missing__(self, key: tuple[int, bool, bool, bool]) -> str:
+        depth, *flags = key
+        text = self[key] = f'"depth": {depth}, {_FLAGS[tuple(flags)]}'
+        return text
+
+
 def json_map(runs: list[Run]) -> str:
     """qemu-img's JSON text: one entry per line, `[` before the first, `]` after the last."""
-    flags = _FLAGS
-    lines = [f'{{ "start": {s}, "length": {e - s}, "depth": {d}, {flags[p, z, a]}, "offset": {o}}}'
+    middle = _Middles()
+    lines = [f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}, "offset": {o}}}'
              if o >= 0 else
-             f'{{ "start": {s}, "length": {e - s}, "depth": {d}, {flags[p, z, a]}}}'
+             f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}}}'
              for s, e, d, p, z, a, o in runs]
     return "[" + ",\n".join(lines) + "]\n"
 
