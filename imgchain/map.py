@@ -25,6 +25,7 @@ byte (ref: dump_map_entry). This module only reads.
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 from array import array
 from collections.abc import Callable, Sequence
@@ -117,8 +118,18 @@ def chain_filenames(path: str) -> list[str]:
 
 
 def map_runs(top: Node) -> list[Run]:
-    """The merged map runs of an opened chain, in guest order."""
-    return merge_runs(chain_runs(top))
+    """The merged map runs of an opened chain, in guest order.
+
+    Python's cyclic garbage collector is off meanwhile: the runs are tuples
+    of numbers, which hold no cycles, and the collector would walk them
+    again each time their number grows by a quarter."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return merge_runs(chain_runs(top))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def chain_runs(top: Node) -> list[Run]:
