@@ -260,12 +260,13 @@ class _Layer:
         span = driver.geo.l2_span  # type: ignore[attr-defined]
         l1 = driver.l1  # type: ignore[attr-defined]
         out: list[Run] = []
-        last = -1
-        for start, end in ranges:
-            for index in range(max(last + 1, start // span), (end - 1) // span + 1):
-                if index >= len(l1) or l1_l2_offset(l1[index]):  # past L1: the driver reports it
-                    out += self._unit(index)
-                last = index
+        ends = list(map(itemgetter(1), ranges))
+        k, index = 0, -1
+        while k < len(ranges):  # per table, not per range: a table may hold thousands
+            index = max(index + 1, ranges[k][0] // span)
+            if index >= len(l1) or l1_l2_offset(l1[index]):  # past L1: the driver reports it
+                out += self._unit(index)
+            k = bisect.bisect_right(ends, (index + 1) * span, k)  # the first range that goes on past it
         return out
 
     def _unit(self, index: int) -> list[Run]:
