@@ -326,20 +326,20 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
     offset; zero, plain or with a kept cluster; normal data at its offset."""
     cs = 1 << bits
     special = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | (L2E_OFFSET_MASK & (cs - 1))  # not plain, aligned data
-    entries = -(-(end - base) >> bits)
+    clusters = range(base, base + (-(-(end - base) >> bits) << bits), cs)  # each entry's guest offset
     runs: list[Run] = []
     append = runs.append
     first = run_end = next_entry = -1
     step = 0
     zero = data = False
     offset = NO_OFFSET
-    for i, entry in zip(itertools.compress(range(entries), table), filter(None, table)):
-        if i == run_end and entry == next_entry:
-            run_end += 1
+    for guest, entry in zip(itertools.compress(clusters, table), filter(None, table)):
+        if guest == run_end and entry == next_entry:
+            run_end += cs
             next_entry += step
             continue
         if first >= 0:
-            append((base + (first << bits), base + (run_end << bits), depth, True, zero, data, offset))
+            append((first, run_end, depth, True, zero, data, offset))
         host = entry & L2E_OFFSET_MASK
         if not entry & special and host:  # the usual entry: data at its offset
             zero, data, offset, step = False, True, host, cs
@@ -347,17 +347,16 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
         elif entry & QCOW_OFLAG_COMPRESSED:
             zero, data, offset, next_entry = False, True, NO_OFFSET, -1
         elif host % cs:
-            raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
-                                         f"(guest offset {base + (i << bits):#x})")
+            raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned (guest offset {guest:#x})")
         elif entry & QCOW_OFLAG_ZERO:
             zero, data, offset, step = True, False, host or NO_OFFSET, cs if host else 0
             next_entry = entry + step if host < _FAST_HOST_LIMIT else -1
         else:  # flag bits but no cluster: unallocated
             first = run_end = next_entry = -1
             continue
-        first, run_end = i, i + 1
+        first, run_end = guest, guest + cs
     if first >= 0:
-        append((base + (first << bits), min(end, base + (run_end << bits)), depth, True, zero, data, offset))
+        append((first, min(end, run_end), depth, True, zero, data, offset))
     return runs
 
 
