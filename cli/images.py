@@ -113,9 +113,10 @@ def check(output: str, repair: str | None, force_share: bool, trust_backing: boo
 @user_errors()
 def map_(output: str, force_share: bool, trust_backing: bool, file: str) -> None:
     """Show where each range of the chain's content comes from (qemu-img map)."""
-    from imgchain.map import MapError, human_map, map_chain, map_json
+    from imgchain.map import MapError, human_map, map_chain, map_json_pieces
     if output == "json":  # qemu-img's text: one entry per line
-        click.echo(map_json(file, force_share=force_share, trust_backing=trust_backing), nl=False)
+        for piece in map_json_pieces(file, force_share=force_share, trust_backing=trust_backing):
+            click.echo(piece, nl=False)
         return
     entries = map_chain(file, force_share=force_share, trust_backing=trust_backing)
     try:

@@ -28,7 +28,7 @@ import bisect
 import gc
 import itertools
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -82,7 +82,14 @@ def map_chain(path: str, force_share: bool = False, trust_backing: bool = False)
 
 def map_json(path: str, force_share: bool = False, trust_backing: bool = False) -> str:
     """The text `qemu-img map --output=json [-U] path` prints, byte for byte."""
-    return json_map(_map_path(path, force_share, trust_backing))
+    return "".join(map_json_pieces(path, force_share, trust_backing))
+
+
+def map_json_pieces(path: str, force_share: bool = False, trust_backing: bool = False) -> Iterator[str]:
+    """`map_json`'s text in consecutive pieces, to be written as they are
+    made: the whole text of a large map is as big again as the map itself.
+    The chain is mapped (and any error raised) before the first piece."""
+    return json_map_pieces(_map_path(path, force_share, trust_backing))
 
 
 def map_node(top: Node) -> list[MapEntry]:
@@ -139,15 +146,14 @@ def chain_runs(top: Node) -> list[Run]:
     Layer by layer: `pending` holds the ranges no layer above allocates; the
     part of a range past the next layer's end (or with no next layer) is
     answered, unallocated, by this layer."""
-    layers = [_Layer(node, depth) for depth, node in enumerate(top.chain())]
-    size = layers[0].size
-    if size == 0:
+    nodes = top.chain()
+    sizes = [virtual_size(node) for node in nodes] + [0]
+    if sizes[0] == 0:
         return [(0, 0, 0, False, False, False, NO_OFFSET)]
     runs: list[Run] = []
-    pending = [(0, size)]
-    for index, layer in enumerate(layers):
-        limit = layers[index + 1].size if index + 1 < len(layers) else 0
-        pending = _sweep(layer, pending, limit, runs)
+    pending = [(0, sizes[0])]
+    for depth, node in enumerate(nodes):  # one layer at a time: what it does not answer is freed early
+        pending = _sweep(_Layer(node, depth, sizes[depth]), pending, sizes[depth + 1], runs)
         if not pending:
             break
     runs.sort(key=itemgetter(0))  # disjoint, none empty: no two start alike
@@ -241,10 +247,10 @@ def merge_runs(runs: list[Run]) -> list[Run]:
 class _Layer:
     """What one node of the chain stores, as QEMU's block layer sees it."""
 
-    def __init__(self, node: Node, depth: int) -> None:
+    def __init__(self, node: Node, depth: int, size: int) -> None:
         self.node = node
         self.depth = depth
-        self.size = virtual_size(node)
+        self.size = size
         self.is_qcow2 = node.format_name == "qcow2"
         self._units: dict[int, list[Run]] = {}
         self._preallocated: bool | None = None
@@ -420,12 +426,20 @@ class _Middles(dict[tuple[int, bool, bool, bool], str]):
 
 def json_map(runs: list[Run]) -> str:
     """qemu-img's JSON text: one entry per line, `[` before the first, `]` after the last."""
+    return "".join(json_map_pieces(runs))
+
+
+def json_map_pieces(runs: list[Run], lines: int = 4096) -> Iterator[str]:
+    """`json_map`'s text in consecutive pieces of so many `lines`."""
     middle = _Middles()
-    lines = [f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}, "offset": {o}}}'
-             if o >= 0 else
-             f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}}}'
-             for s, e, d, p, z, a, o in runs]
-    return "[" + ",\n".join(lines) + "]\n"
+    yield "["
+    for at in range(0, len(runs), lines):
+        yield (",\n" if at else "") + ",\n".join([
+            f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}, "offset": {o}}}'
+            if o >= 0 else
+            f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}}}'
+            for s, e, d, p, z, a, o in itertools.islice(runs, at, at + lines)])
+    yield "]\n"
 
 
 def human_map(entries: list[MapEntry], top_filename: str | Sequence[str]) -> str:
