@@ -4,6 +4,11 @@
 
 SHELL := /bin/bash
 VENV := .venv
+# The venv's interpreter: Debian's own python3 where there is one. Its build
+# runs the imgchain tools with about a fifth fewer instructions than a plain
+# source build (such as pyenv's, which may come first on PATH), and most of a
+# small `imgchain info` is the interpreter starting and importing.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
                 fio qemu-utils qemu-system-common e2fsprogs
@@ -20,7 +25,7 @@ system-packages:
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@

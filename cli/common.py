@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import sys
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -108,6 +107,7 @@ def user_errors(code: int = 1) -> Callable[[F], F]:
 
 
 def print_json(doc: Any) -> None:
+    import json  # only --output json pays for loading it
     click.echo(json.dumps(doc, indent=4))
 
 

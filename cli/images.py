@@ -1,4 +1,7 @@
-"""Offline image commands with qemu-img's semantics: create, info, check, map, compare, rebase."""
+"""Offline image commands with qemu-img's semantics: create, info, check, map, compare, rebase.
+
+Each command imports its core module when it runs, so that one command does
+not pay for loading the others' (start-up time is most of a small `info`)."""
 
 from __future__ import annotations
 
@@ -6,9 +9,6 @@ import sys
 
 import click
 
-from imgchain import compare as compare_mod
-from imgchain import create as create_mod
-from imgchain import rebase as rebase_mod
 from imgchain.errors import USER_ERRORS
 
 from .common import (SIZE, error_text, fail, main, output_option, parse_size, print_json, trust_backing_option,
@@ -54,6 +54,7 @@ def _formatting_line(path: str, opts: dict[str, object]) -> str:
 def create(fmt: str, backing: str | None, backing_fmt: str | None, options: str | None,
            quiet: bool, file: str, size: int | None) -> None:
     """Create an image FILE of SIZE bytes (K, M, G, T suffixes)."""
+    from imgchain import create as create_mod
     opts = _parse_create_options(options)
     backing = backing or opts.get("backing_file")
     backing_fmt = backing_fmt or opts.get("backing_fmt")
@@ -112,9 +113,10 @@ def check(output: str, repair: str | None, force_share: bool, trust_backing: boo
 @user_errors()
 def map_(output: str, force_share: bool, trust_backing: bool, file: str) -> None:
     """Show where each range of the chain's content comes from (qemu-img map)."""
-    from imgchain.map import MapError, human_map, map_chain, map_json
+    from imgchain.map import MapError, human_map, map_chain, map_json_pieces
     if output == "json":  # qemu-img's text: one entry per line
-        click.echo(map_json(file, force_share=force_share, trust_backing=trust_backing), nl=False)
+        for piece in map_json_pieces(file, force_share=force_share, trust_backing=trust_backing):
+            click.echo(piece, nl=False)
         return
     entries = map_chain(file, force_share=force_share, trust_backing=trust_backing)
     try:
@@ -133,8 +135,9 @@ def compare(strict: bool, trust_backing: bool, image1: str, image2: str) -> None
     """Compare two chains' guest-visible content.
 
     Exit 0 identical, 1 different, 2 error."""
+    from imgchain.compare import compare_images
     try:
-        result = compare_mod.compare_images(image1, image2, strict, trust_backing)
+        result = compare_images(image1, image2, strict, trust_backing)
     except USER_ERRORS as exc:
         fail(error_text(exc), 2)
     click.echo(result.message)
@@ -150,6 +153,7 @@ def compare(strict: bool, trust_backing: bool, image1: str, image2: str) -> None
 @user_errors()
 def rebase(unsafe: bool, backing: str | None, backing_fmt: str | None, trust_backing: bool, file: str) -> None:
     """Change FILE's backing file; safe mode keeps the content identical."""
+    from imgchain.rebase import rebase as rebase_image
     if backing is None:
         raise click.UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
-    rebase_mod.rebase(file, backing, backing_fmt, unsafe, trust_backing)
+    rebase_image(file, backing, backing_fmt, unsafe, trust_backing)

@@ -17,11 +17,12 @@ Errors opening the image or its backing chain propagate as
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from imgchain.formats import CorruptImage, ReadOnlyImage
-from imgchain.formats.qcow2_bitmaps import bitmap_directory_entries, find_bitmap_directory
 from imgchain.formats.qcow2_header import (
     AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Qcow2Header, build_cluster0)
 from imgchain.formats.qcow2_tables import (
@@ -34,6 +35,9 @@ from .blockfile import BlockFile
 from .chain import close_chain, open_backing_chain
 from .locks import ACTIVE_WRITER
 from .qcow2 import read_header, read_snapshot_table
+
+if TYPE_CHECKING:
+    from imgchain.formats.qcow2_bitmaps import BitmapDirectory
 
 FIX_LEAKS, FIX_ERRORS = 1, 2  # BDRV_FIX_LEAKS, BDRV_FIX_ERRORS
 REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
@@ -158,8 +162,10 @@ class _Checker:
         self.refcount_max = (1 << h.refcount_bits) - 1
         self.reftable = decode_u64_table(file.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs))
         self.l1 = decode_u64_table(file.pread(h.l1_table_offset, h.l1_size * 8))
-        table = read_snapshot_table(file, h, res.filename)
-        self.snapshots, self.snapshots_size = table.snapshots, table.size
+        self.snapshots, self.snapshots_size = [], 0  # the usual case: no snapshot table to decode
+        if h.nb_snapshots:
+            table = read_snapshot_table(file, h, res.filename)
+            self.snapshots, self.snapshots_size = table.snapshots, table.size
         self.typecode = _REFCOUNT_TYPECODES[h.refcount_order]
         self.blocks: dict[int, array] = {}  # decoded refcount blocks by offset
         self.file_size = file.size()  # kept current by calculate() and the repairs that grow the file
@@ -306,10 +312,18 @@ class _Checker:
             self.res.corruptions_fixed += 1
         return bool(fix & FIX_ERRORS)
 
+    def bitmap_directory(self) -> BitmapDirectory | None:
+        """Where the bitmaps extension's directory is (None: no bitmaps)."""
+        if self.h.extension(EXT_BITMAPS) is None:  # the usual case: no need to load the bitmap decoder
+            return None
+        from imgchain.formats.qcow2_bitmaps import find_bitmap_directory
+        return find_bitmap_directory(self.res.filename, self.h)
+
     def check_bitmaps(self) -> None:  # ref: qcow2_check_bitmaps_refcounts
-        where = find_bitmap_directory(self.res.filename, self.h)
+        where = self.bitmap_directory()
         if where is None or not where.nb_bitmaps:
             return
+        from imgchain.formats.qcow2_bitmaps import bitmap_directory_entries
         self.inc(where.offset, where.size)
         directory = self.file.pread(where.offset, where.size)
         try:  # nothing else in this loop raises CorruptImage
@@ -330,7 +344,8 @@ class _Checker:
 
     def check_refblocks(self, fix: int) -> bool:  # ref: check_refblocks
         rebuild = False
-        for i, entry in enumerate(self.reftable):
+        for i in itertools.compress(range(len(self.reftable)), self.reftable):  # an empty entry has nothing to check
+            entry = self.reftable[i]
             offset = entry & REFT_OFFSET_MASK
             if entry & REFT_RESERVED_MASK:
                 self.corrupt(f"ERROR refcount table entry {i} has reserved bits set")
@@ -473,7 +488,7 @@ class _Checker:
 
     def metadata(self) -> list[tuple[str, int, int]]:
         h, cs = self.h, self.cs
-        bitmaps = find_bitmap_directory(self.res.filename, h)
+        bitmaps = self.bitmap_directory()
         bitmaps_at, bitmaps_size = (bitmaps.offset, bitmaps.size) if bitmaps else (0, 0)
         return ([("active L1 table", h.l1_table_offset, h.l1_size * 8),
                  ("refcount table", h.refcount_table_offset, len(self.reftable) * 8),

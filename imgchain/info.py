@@ -19,21 +19,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imgchain.formats.qcow2_bitmaps import (
-    BME_FLAG_AUTO,
-    BME_FLAG_IN_USE,
-    bitmap_directory_entries,
-    find_bitmap_directory,
-)
 from imgchain.formats.qcow2_header import (
     COMPAT_LAZY_REFCOUNTS,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     Qcow2Header,
 )
-from imgchain.formats.qcow2_snapshots import Snapshot
 
 from .chain import open_image, protocol_of
 from .errors import BackingError, ImgchainError
@@ -41,11 +35,13 @@ from .locks import ImageLockedError
 from .node import Node
 from .qcow2 import read_snapshot_table
 
+if TYPE_CHECKING:
+    from imgchain.formats.qcow2_snapshots import Snapshot
+
 Info = dict[str, Any]
 
 SECTOR = 512
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-_BITMAP_FLAGS = ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))
 
 
 # ---------------------------------------------------------------------------
@@ -204,12 +200,16 @@ def _bitmap_infos(file: Any, header: Qcow2Header, filename: str) -> list[Info] |
 
     qemu ignores the extension when the autoclear bit is clear (a program
     without bitmap support wrote the image)."""
+    if header.extension(EXT_BITMAPS) is None:  # the usual case: no need to load the bitmap decoder
+        return None
+    from imgchain.formats.qcow2_bitmaps import (BME_FLAG_AUTO, BME_FLAG_IN_USE, bitmap_directory_entries,
+                                                 find_bitmap_directory)
     where = find_bitmap_directory(filename, header)
     if where is None:
         return None
     directory = file.pread(where.offset, where.size)
     return [{
-        "flags": [text for bit, text in _BITMAP_FLAGS if bitmap.flags & bit],
+        "flags": [text for bit, text in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto")) if bitmap.flags & bit],
         "name": bitmap.name,
         "granularity": bitmap.granularity,
     } for bitmap in bitmap_directory_entries(filename, directory, where.nb_bitmaps)]

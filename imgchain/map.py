@@ -25,9 +25,11 @@ byte (ref: dump_map_entry). This module only reads.
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 from imgchain.formats import CorruptImage
@@ -80,7 +82,14 @@ def map_chain(path: str, force_share: bool = False, trust_backing: bool = False)
 
 def map_json(path: str, force_share: bool = False, trust_backing: bool = False) -> str:
     """The text `qemu-img map --output=json [-U] path` prints, byte for byte."""
-    return json_map(_map_path(path, force_share, trust_backing))
+    return "".join(map_json_pieces(path, force_share, trust_backing))
+
+
+def map_json_pieces(path: str, force_share: bool = False, trust_backing: bool = False) -> Iterator[str]:
+    """`map_json`'s text in consecutive pieces, to be written as they are
+    made: the whole text of a large map is as big again as the map itself.
+    The chain is mapped (and any error raised) before the first piece."""
+    return json_map_pieces(_map_path(path, force_share, trust_backing))
 
 
 def map_node(top: Node) -> list[MapEntry]:
@@ -116,8 +125,18 @@ def chain_filenames(path: str) -> list[str]:
 
 
 def map_runs(top: Node) -> list[Run]:
-    """The merged map runs of an opened chain, in guest order."""
-    return merge_runs(chain_runs(top))
+    """The merged map runs of an opened chain, in guest order.
+
+    Python's cyclic garbage collector is off meanwhile: the runs are tuples
+    of numbers, which hold no cycles, and the collector would walk them
+    again each time their number grows by a quarter."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return merge_runs(chain_runs(top))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def chain_runs(top: Node) -> list[Run]:
@@ -127,64 +146,57 @@ def chain_runs(top: Node) -> list[Run]:
     Layer by layer: `pending` holds the ranges no layer above allocates; the
     part of a range past the next layer's end (or with no next layer) is
     answered, unallocated, by this layer."""
-    layers = [_Layer(node, depth) for depth, node in enumerate(top.chain())]
-    size = layers[0].size
-    if size == 0:
+    nodes = top.chain()
+    sizes = [virtual_size(node) for node in nodes] + [0]
+    if sizes[0] == 0:
         return [(0, 0, 0, False, False, False, NO_OFFSET)]
     runs: list[Run] = []
-    pending = [(0, size)]
-    for index, layer in enumerate(layers):
-        limit = layers[index + 1].size if index + 1 < len(layers) else 0
-        pending = _sweep(layer, pending, limit, runs)
+    pending = [(0, sizes[0])]
+    for depth, node in enumerate(nodes):  # one layer at a time: what it does not answer is freed early
+        pending = _sweep(_Layer(node, depth, sizes[depth]), pending, sizes[depth + 1], runs)
         if not pending:
             break
-    runs.sort()
+    runs.sort(key=itemgetter(0))  # disjoint, none empty: no two start alike
     return runs
 
 
 def _sweep(layer: "_Layer", pending: list[tuple[int, int]], limit: int, runs: list[Run]) -> list[tuple[int, int]]:
     """Answer the sorted, disjoint `pending` ranges from one layer: what it
-    allocates becomes runs; what it leaves unallocated (its gaps) is returned
-    for the next layer below `limit` (the backing's size) and reads as
-    zeros here past it."""
+    allocates becomes runs; what it leaves unallocated (the holes between
+    its pieces) is returned for the next layer below `limit` (the backing's
+    size) and reads as zeros here past it (with no backing, `limit` 0,
+    everywhere).
+
+    One walk over the layer's pieces that meet the ranges: a piece inside a
+    range is taken as it is, one that sticks out is cut to it."""
     pieces = layer.pieces(pending)
-    ends = [p[1] for p in pieces]
+    starts = list(map(itemgetter(0), pieces))
+    starts.append(layer.size)  # no piece starts at or past the end
+    ends = list(map(itemgetter(1), pieces))
     left: list[tuple[int, int]] = []
-    forward = limit >= layer.size  # the backing answers every gap (the usual case)
+    answer = runs.append
+    # the usual case: the backing answers every hole
+    hole = left.append if limit >= layer.size else _holes_past(limit, layer.depth, left, runs)
     j = 0
     for start, end in pending:
         j = bisect.bisect_right(ends, start, j)
-        k = bisect.bisect_left(ends, end, j)
-        if k == j and forward:  # inside one piece: the common case below the top
-            lo, hi, depth, present, zero, data, offset = pieces[j]
-            if not present:
-                left.append((start, end))
-            else:
-                runs.append((start, end, depth, True, zero, data, offset + start - lo if offset >= 0 else offset))
-            continue
-        seg = pieces[j:k + 1]
-        if seg[0][0] < start:
-            seg[0] = _cut(seg[0], start, seg[0][1])
-        if seg[-1][1] > end:
-            seg[-1] = _cut(seg[-1], seg[-1][0], end)
-        _route(seg, limit, forward, left, runs)
-        j = k
+        pos = start
+        while starts[j] < end:
+            lo, hi = starts[j], ends[j]
+            if lo > pos:
+                hole((pos, lo))
+                pos = lo
+            piece = pieces[j]
+            if hi > end:  # it sticks out: the next range may start in it too
+                answer(_cut(piece, pos, end))
+                break
+            answer(piece if pos == lo else _cut(piece, pos, hi))
+            pos = hi
+            j += 1
+        else:
+            if pos < end:
+                hole((pos, end))
     return left
-
-
-def _route(seg: list[Run], limit: int, forward: bool, left: list[tuple[int, int]], runs: list[Run]) -> None:
-    """Allocated runs to `runs`, gaps to `left` or `runs` (see _open_range)."""
-    if limit == 0:  # no backing: the gaps are final
-        runs += seg
-    elif forward:
-        runs += [p for p in seg if p[3]]
-        left += [(p[0], p[1]) for p in seg if not p[3]]
-    else:
-        for p in seg:
-            if p[3]:
-                runs.append(p)
-            else:
-                _open_range(p, limit, left, runs)
 
 
 def _cut(run: Run, lo: int, hi: int) -> Run:
@@ -193,14 +205,19 @@ def _cut(run: Run, lo: int, hi: int) -> Run:
     return (lo, hi, depth, present, zero, data, offset + lo - start if offset >= 0 else offset)
 
 
-def _open_range(gap: Run, limit: int, left: list[tuple[int, int]], runs: list[Run]) -> None:
-    """A gap of a layer whose backing ends at `limit`: below it the next
-    layer answers, past it the gap reads as zeros here."""
-    start, end = gap[0], gap[1]
-    if start < limit:
-        left.append((start, min(end, limit)))
-    if end > limit:
-        runs.append(_cut(gap, max(start, limit), end))
+def _holes_past(limit: int, depth: int, left: list[tuple[int, int]], runs: list[Run]) -> Callable[[tuple[int, int]], None]:
+    """Where the holes of a layer whose backing ends at `limit` go: below it
+    to the next layer (`left`), past it they read as zeros at this layer's
+    depth (with no backing, `limit` 0, everywhere)."""
+    zeros = (depth, False, True, False, NO_OFFSET)
+
+    def add(span: tuple[int, int]) -> None:
+        lo, hi = span
+        if lo < limit:
+            left.append((lo, min(hi, limit)))
+        if hi > limit:
+            runs.append((max(lo, limit), hi) + zeros)
+    return add
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
@@ -209,16 +226,17 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     if not runs:
         return []
     out: list[Run] = []
+    keep = out.append
     prev = runs[0]
     for run in itertools.islice(runs, 1, None):
-        if run[2:6] == prev[2:6] and prev[1] > prev[0]:
+        if run[2] == prev[2] and run[3:6] == prev[3:6] and prev[1] > prev[0]:  # the depth first: most differ there
             offset = prev[6]
             if run[6] == (offset + prev[1] - prev[0] if offset >= 0 else NO_OFFSET):
                 prev = (prev[0], run[1]) + prev[2:]
                 continue
-        out.append(prev)
+        keep(prev)
         prev = run
-    out.append(prev)
+    keep(prev)
     return out
 
 
@@ -229,36 +247,32 @@ def merge_runs(runs: list[Run]) -> list[Run]:
 class _Layer:
     """What one node of the chain stores, as QEMU's block layer sees it."""
 
-    def __init__(self, node: Node, depth: int) -> None:
+    def __init__(self, node: Node, depth: int, size: int) -> None:
         self.node = node
         self.depth = depth
-        self.size = virtual_size(node)
+        self.size = size
         self.is_qcow2 = node.format_name == "qcow2"
         self._units: dict[int, list[Run]] = {}
         self._preallocated: bool | None = None
         self._host: RawDriver | None = None
 
     def pieces(self, ranges: list[tuple[int, int]]) -> list[Run]:
-        """This layer's runs, in order, over every L2 table that meets the
-        sorted `ranges` (the whole file of a raw layer); unallocated gaps are
-        runs too, with present false. They cover each table without a hole."""
+        """This layer's allocated runs, in order, in every L2 table that meets
+        the sorted `ranges` (the whole file of a raw layer, which has no
+        holes); between them the layer allocates nothing."""
         if not self.is_qcow2:
             return self._unit(-1)
         driver = self.node.driver
         span = driver.geo.l2_span  # type: ignore[attr-defined]
         l1 = driver.l1  # type: ignore[attr-defined]
         out: list[Run] = []
-        last = -1
-        for start, end in ranges:
-            for index in range(max(last + 1, start // span), (end - 1) // span + 1):
-                if index >= len(l1) or l1_l2_offset(l1[index]):  # past L1: the driver reports it
-                    out += self._unit(index)
-                else:  # a whole L2 range unallocated: one gap
-                    lo, hi = index * span, min(self.size, (index + 1) * span)
-                    if out and not out[-1][3] and out[-1][1] == lo:
-                        lo = out.pop()[0]
-                    out.append((lo, hi, self.depth, False, True, False, NO_OFFSET))
-                last = index
+        ends = list(map(itemgetter(1), ranges))
+        k, index = 0, -1
+        while k < len(ranges):  # per table, not per range: a table may hold thousands
+            index = max(index + 1, ranges[k][0] // span)
+            if index >= len(l1) or l1_l2_offset(l1[index]):  # past L1: the driver reports it
+                out += self._unit(index)
+            k = bisect.bisect_right(ends, (index + 1) * span, k)  # the first range that goes on past it
         return out
 
     def _unit(self, index: int) -> list[Run]:
@@ -276,8 +290,8 @@ class _Layer:
                 for e in self.node.driver.block_status(0, self.size)]
 
     def _table_runs(self, l1_index: int) -> list[Run]:
-        """The runs of one L2 table, gaps included; data split at the holes
-        of a preallocated file."""
+        """The allocated runs of one L2 table; data split at the holes of a
+        preallocated file."""
         driver = self.node.driver
         bits = driver.geo.cluster_bits  # type: ignore[attr-defined]
         base = l1_index * driver.geo.l2_span  # type: ignore[attr-defined]
@@ -307,8 +321,8 @@ class _Layer:
 
 
 def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename: str) -> list[Run]:
-    """The runs of an L2 table over the guest range [base, end) (the table's
-    range, cut at the image's end), gaps (unallocated) included.
+    """The allocated runs of an L2 table over the guest range [base, end)
+    (the table's range, cut at the image's end).
 
     One pass over the non-zero entries only (`itertools.compress` skips the
     others at C speed). A run goes on while the next entry continues it
@@ -317,48 +331,38 @@ def _l2_runs(table: array, base: int, end: int, bits: int, depth: int, filename:
     cluster is unallocated. QEMU's flags: compressed is data with no
     offset; zero, plain or with a kept cluster; normal data at its offset."""
     cs = 1 << bits
-    entries = -(-(end - base) >> bits)
+    special = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | (L2E_OFFSET_MASK & (cs - 1))  # not plain, aligned data
+    clusters = range(base, base + (-(-(end - base) >> bits) << bits), cs)  # each entry's guest offset
     runs: list[Run] = []
     append = runs.append
-    pos = base  # where the last run ended
     first = run_end = next_entry = -1
     step = 0
     zero = data = False
     offset = NO_OFFSET
-    for i in itertools.compress(range(entries), table):
-        entry = table[i]
-        if i == run_end and entry == next_entry:
-            run_end += 1
+    for guest, entry in zip(itertools.compress(clusters, table), filter(None, table)):
+        if guest == run_end and entry == next_entry:
+            run_end += cs
             next_entry += step
             continue
         if first >= 0:
-            lo, pos = base + (first << bits), base + (run_end << bits)
-            append((lo, pos, depth, True, zero, data, offset))
+            append((first, run_end, depth, True, zero, data, offset))
         host = entry & L2E_OFFSET_MASK
-        if entry & QCOW_OFLAG_COMPRESSED:
+        if not entry & special and host:  # the usual entry: data at its offset
+            zero, data, offset, step = False, True, host, cs
+            next_entry = entry + cs if host < _FAST_HOST_LIMIT else -1
+        elif entry & QCOW_OFLAG_COMPRESSED:
             zero, data, offset, next_entry = False, True, NO_OFFSET, -1
-        else:
-            if host % cs:
-                raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned "
-                                             f"(guest offset {base + (i << bits):#x})")
-            if entry & QCOW_OFLAG_ZERO:
-                zero, data, offset = True, False, host or NO_OFFSET
-            elif host:
-                zero, data, offset = False, True, host
-            else:
-                first = run_end = next_entry = -1
-                continue
-            step = cs if host else 0
+        elif host % cs:
+            raise CorruptImage(filename, f"Cluster allocation offset {host:#x} unaligned (guest offset {guest:#x})")
+        elif entry & QCOW_OFLAG_ZERO:
+            zero, data, offset, step = True, False, host or NO_OFFSET, cs if host else 0
             next_entry = entry + step if host < _FAST_HOST_LIMIT else -1
-        lo = base + (i << bits)
-        if lo > pos:
-            append((pos, lo, depth, False, True, False, NO_OFFSET))
-        first, run_end = i, i + 1
+        else:  # flag bits but no cluster: unallocated
+            first = run_end = next_entry = -1
+            continue
+        first, run_end = guest, guest + cs
     if first >= 0:
-        lo, pos = base + (first << bits), min(end, base + (run_end << bits))
-        append((lo, pos, depth, True, zero, data, offset))
-    if end > pos:
-        append((pos, end, depth, False, True, False, NO_OFFSET))
+        append((first, min(end, run_end), depth, True, zero, data, offset))
     return runs
 
 
@@ -411,14 +415,31 @@ _FLAGS = {(p, z, d): '"present": %s, "zero": %s, "data": %s' % tuple("true" if f
           for p in (False, True) for z in (False, True) for d in (False, True)}
 
 
+class _Middles(dict[tuple[int, bool, bool, bool], str]):
+    """An entry's text between its length and its offset, by (depth, present, zero, data)."""
+
+    def __missing__(self, key: tuple[int, bool, bool, bool]) -> str:
+        depth, *flags = key
+        text = self[key] = f'"depth": {depth}, {_FLAGS[tuple(flags)]}'
+        return text
+
+
 def json_map(runs: list[Run]) -> str:
     """qemu-img's JSON text: one entry per line, `[` before the first, `]` after the last."""
-    flags = _FLAGS
-    lines = [f'{{ "start": {s}, "length": {e - s}, "depth": {d}, {flags[p, z, a]}, "offset": {o}}}'
-             if o >= 0 else
-             f'{{ "start": {s}, "length": {e - s}, "depth": {d}, {flags[p, z, a]}}}'
-             for s, e, d, p, z, a, o in runs]
-    return "[" + ",\n".join(lines) + "]\n"
+    return "".join(json_map_pieces(runs))
+
+
+def json_map_pieces(runs: list[Run], lines: int = 4096) -> Iterator[str]:
+    """`json_map`'s text in consecutive pieces of so many `lines`."""
+    middle = _Middles()
+    yield "["
+    for at in range(0, len(runs), lines):
+        yield (",\n" if at else "") + ",\n".join([
+            f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}, "offset": {o}}}'
+            if o >= 0 else
+            f'{{ "start": {s}, "length": {e - s}, {middle[d, p, z, a]}}}'
+            for s, e, d, p, z, a, o in itertools.islice(runs, at, at + lines)])
+    yield "]\n"
 
 
 def human_map(entries: list[MapEntry], top_filename: str | Sequence[str]) -> str:

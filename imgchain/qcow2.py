@@ -12,7 +12,7 @@ unlink (durable) before free.
 from __future__ import annotations
 
 from array import array
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from imgchain.formats import CorruptImage
 from imgchain.formats.qcow2_header import (
@@ -25,7 +25,6 @@ from imgchain.formats.qcow2_header import (
     check_writable,
     parse_header,
 )
-from imgchain.formats.qcow2_snapshots import SnapshotTable, parse_snapshot_table, snapshot_table_size
 from imgchain.formats.qcow2_tables import (
     L2_ZERO_PLAIN,
     L2E_OFFSET_MASK,
@@ -52,6 +51,9 @@ from .metacache import MetadataCache
 from .qcow2_overlap import ACTIVE_L2, MetadataMap, MetadataOverlap
 from .qcow2_pending import PendingMetadata
 from .qcow2_refcount import RefcountManager, read_reftable
+
+if TYPE_CHECKING:
+    from imgchain.formats.qcow2_snapshots import SnapshotTable
 
 ReadBelow = Callable[[int, int], bytes]
 """Reads guest bytes from the node's backing chain (zeros where there is none)."""
@@ -85,6 +87,7 @@ def read_snapshot_table(file: BlockFile, header: Qcow2Header, filename: str) -> 
 
     The table's length shows only entry by entry, so this reads what
     `snapshot_table_size` asks for, at least doubling what it has each time."""
+    from imgchain.formats.qcow2_snapshots import parse_snapshot_table, snapshot_table_size  # only images with snapshots
     data, count = b"", header.nb_snapshots
     while (need := snapshot_table_size(data, count)) > len(data):
         more = file.pread(header.snapshots_offset + len(data), max(need, 2 * len(data)) - len(data))

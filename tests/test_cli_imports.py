@@ -109,3 +109,16 @@ def test_every_command_is_named_in_the_lazy_table() -> None:
     for name, command in main.commands.items():
         assert command.callback is not None
         assert command.callback.__module__ == "imgchain.cli" + main.lazy[name], name
+
+
+def test_info_and_check_load_only_what_the_image_needs(overlay: Path) -> None:
+    """Start-up is most of a small `info` or `check`: an image with neither internal snapshots nor
+    bitmaps loads neither decoder, and no other command's core module (nor json, for human output);
+    one with a snapshot does."""
+    others = {"imgchain.formats.qcow2_snapshots", "imgchain.formats.qcow2_bitmaps", "imgchain.compare",
+              "imgchain.map", "imgchain.create", "imgchain.rebase", "imgchain.check", "json"}
+    assert not loaded_by("info", overlay) & others
+    assert loaded_by("check", overlay) & others == {"imgchain.check"}
+    qemu_img("snapshot", "-c", "snap1", overlay, check=True)
+    assert "imgchain.formats.qcow2_snapshots" in loaded_by("info", overlay)
+    assert "imgchain.formats.qcow2_snapshots" in loaded_by("check", overlay)
