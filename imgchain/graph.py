@@ -76,6 +76,11 @@ class GraphLock:
             self.writing = False
 
 
+def _close_all(nodes: list[Node]) -> None:
+    for node in nodes:
+        node.close()
+
+
 class BlockGraph:
     """Every node of a daemon, its devices and its jobs' claims on them."""
 
@@ -249,18 +254,34 @@ class BlockGraph:
         image locks held until it returns (the reopen's new locks would
         then be refused and the node left without a file)."""
         self._syncing[node] = self._syncing.get(node, 0) + 1
-        for backend in self.backends:
-            backend.syncs_running += 1  # its writes in place go off the loop meanwhile
         try:
-            await self.aio.run_in_thread(node.sync_file)
+            with self._devices_during_sync():
+                await self.aio.run_in_thread(node.sync_file)
         finally:
-            for backend in self.backends:
-                backend.syncs_running -= 1
             self._syncing[node] -= 1
             if not self._syncing[node]:
                 del self._syncing[node]
             self._sync_ended.set()
             self._sync_ended = self.aio.event()
+
+    async def close_off_loop(self, nodes: list[Node]) -> None:
+        """Close nodes that have left the graph in a worker thread: a dropped
+        active node's last flush writes back and syncs everything the guest
+        wrote into it. Shielded: they are closed whatever happens."""
+        with self._devices_during_sync():
+            await self.aio.run_in_thread(_close_all, nodes, shield=True)
+
+    @contextmanager
+    def _devices_during_sync(self) -> Iterator[None]:
+        """While a file of the chain syncs in a worker thread, the devices
+        write in place off the loop too (BlockBackend.syncs_running)."""
+        for backend in self.backends:
+            backend.syncs_running += 1
+        try:
+            yield
+        finally:
+            for backend in self.backends:
+                backend.syncs_running -= 1
 
     async def wait_syncs(self, node: Node) -> None:
         """Until no off-loop sync of `node`'s file is running."""

@@ -294,3 +294,30 @@ async def test_writes_in_place_go_off_the_loop_while_a_sync_runs(chain3: Path,
         await backend.read(16 * KIB, 4 * KIB)
         assert backend.write_now(16 * KIB, b"\x85" * 100)  # no sync running: at once again
     assert_qemu_clean(chain3)
+
+
+async def test_devices_write_off_the_loop_while_a_dropped_node_closes(chain3: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The close of a node that left the graph (an active commit's old top
+    after the pivot) flushes everything written into it, in a worker
+    thread: the devices count it as a sync running, as their own flushes."""
+    from imgchain.chain import open_image
+    from imgchain.graph import BlockGraph
+
+    seen: list[int] = []
+    real = trio.to_thread.run_sync
+    graph = BlockGraph()
+
+    async def watching(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(sum(b.syncs_running for b in graph.backends))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", watching)
+    with backend_on(chain3) as backend:
+        graph.backends.append(backend)
+        create_image(str(tmp_path / "dropped.qcow2"), "qcow2", 1 << 20)
+        dropped = open_image(str(tmp_path / "dropped.qcow2"), writable=True)
+        dropped.write(0, b"\x11" * 4096)
+        await graph.close_off_loop([dropped])
+        assert seen == [1] and backend.syncs_running == 0
+    assert qemu_img("check", tmp_path / "dropped.qcow2").returncode == 0

@@ -25,11 +25,6 @@ Listener = Callable[[str, dict[str, Any]], None]
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
-def _close_all(nodes: list["Node"]) -> None:
-    for node in nodes:
-        node.close()
-
-
 class JobManager:
     def __init__(self, graph: BlockGraph, debug: BlkDebug | None = None) -> None:
         self.graph = graph
@@ -100,8 +95,7 @@ class JobManager:
         self.graph.unblock(job, job.nodes)
         dropped = self.graph.collect()
         if dropped:
-            # shielded: a node out of the graph is closed whatever happens
-            await self.graph.aio.run_in_thread(_close_all, dropped, shield=True)
+            await self.graph.close_off_loop(dropped)
 
     def forget(self, job: Job) -> None:
         """Dismissed (status null): the id is free again."""
