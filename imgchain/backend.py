@@ -8,19 +8,33 @@ drain ends. A drain calls the parent hooks of `BlockDevOps` (QEMU's
 BdrvChildClass drained_begin/drained_poll/drained_end) so the export can stop
 taking requests, and waits on an event, never a sleep loop, until nothing is
 in flight. The data path itself is synchronous (small pread/pwrite inline, as
-DESIGN.md measures); only flushes and injected delays await.
+DESIGN.md measures); only flushes, injected delays and copy-on-write await.
+
+A copy-on-write (a small write into a cluster the root does not hold) is
+done as QEMU does it: the root's driver allocates the cluster and marks it
+in flight (`Qcow2Driver.begin_allocation`), a worker thread reads the
+cluster's old bytes and writes the new cluster while the loop serves other
+requests, and only then does the L2 entry point at it. A later write to
+that cluster, from the guest or a block job, waits for it first
+(`wait_for_allocations`, QEMU's dependent requests); a read meanwhile sees
+the old bytes, as the write has not completed. The request stays counted in
+flight throughout, so no drain (and no graph change) happens while a
+copy-on-write is in flight.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 import time
 from array import array
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Protocol
 
+import outcome
 import trio
 
 from imgchain.formats import FormatError
@@ -31,7 +45,8 @@ from .errors import ImageIOError
 from .extent import Status
 from .graph import GraphLock
 from .metacache import map_budget
-from .node import Node
+from .node import Node, wait_for_allocations
+from .qcow2 import L2Meta
 
 
 # The cluster maps are kept by groups of FILL_CLUSTERS guest clusters, the
@@ -56,6 +71,41 @@ GROUP_BYTES = array("q", bytes(16 * FILL_CLUSTERS)).__sizeof__() + 160
 
 
 ALLOCATION_TTL = 1.0  # seconds an allocated_file_size answer is reused
+
+
+class WorkerThreads:
+    """A few threads that run blocking calls for trio tasks: one queue put
+    and one `run_sync_soon` per call, about half of what trio.to_thread's
+    per-call machinery costs the loop. Not cancellable, as
+    trio.to_thread.run_sync by default: the call runs to its end and its
+    caller gets the outcome. Threads start as calls come, up to `count`."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has none of the threads
+
+    def _reset(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = 0
+
+    async def run(self, fn: Callable[..., object], *args: object) -> object:
+        if self._started < self.count:
+            self._started += 1
+            threading.Thread(target=self._serve, args=(self._queue,), name="imgchain-worker", daemon=True).start()
+        self._queue.put((fn, args, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    @staticmethod
+    def _serve(calls: queue.SimpleQueue) -> None:
+        while True:
+            fn, args, token, task = calls.get()
+            token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(fn, *args))
+
+
+# Copy-on-write waiting for the disk (BlockBackend._copy_on_write): a few at
+# once, so that their reads can overlap on the disk.
+WORKERS = WorkerThreads(4)
 
 
 def map_entry(fd: int, host: int) -> int:
@@ -117,6 +167,8 @@ class BlockBackend:
         self.size = root.size
         # The root's file descriptor, for write_now; changes with the root.
         self._root_fd: int = root.driver.file.fd  # type: ignore[attr-defined]
+        # The buffer a copy-on-write builds its new cluster in when it runs at once.
+        self._cluster = bytearray()
         # allocated_file_size's last answer and when it was taken (monotonic).
         self._allocation = (0, -ALLOCATION_TTL)
         # Invariant: syncs_running counts fdatasyncs of this device's chain
@@ -447,14 +499,62 @@ class BlockBackend:
                 await self._write_in_place_off_loop(at, data)
                 self._notify_write(offset, len(data))
                 return
-            try:  # nothing else runs before the maps forget what the write moves
-                node.write(offset, data, self._read_below)
-            finally:
-                self._unmap(offset, len(data))
+            await wait_for_allocations(node, offset, len(data))
+            meta = self._begin_copy_on_write(node, offset, data)
+            if meta is not None:
+                await self._copy_on_write(node, meta)
+            else:
+                try:  # nothing else runs before the maps forget what the write moves
+                    node.write(offset, data, self._read_below)
+                finally:
+                    self._unmap(offset, len(data))
             self._notify_write(offset, len(data))
             self._note_in_place(offset, len(data))
         finally:
             self._end()
+
+    def _begin_copy_on_write(self, node: Node, offset: int, data: bytes | memoryview) -> "L2Meta | None":
+        """Start a small write into a cluster the root does not hold as an
+        allocation in flight, when the cluster's old bytes are one run in one
+        file or zeros (the map knows); None: the write goes inline."""
+        index = offset >> self._map_bits
+        if offset + len(data) > self.size or (offset + len(data) - 1) >> self._map_bits != index:
+            return None
+        entry = self._lookup(index)
+        if entry == UNMAPPABLE:
+            return None
+        source = ((entry & FD_MASK) - 1, entry >> FD_BITS << 9) if entry > 0 else None
+        return node.driver.begin_allocation(offset, data, source)  # type: ignore[return-value]
+
+    async def _copy_on_write(self, node: Node, meta: "L2Meta") -> None:
+        """The data half of a copy-on-write, then its L2 entry. At once when
+        the cluster's old bytes are in the page cache (no await: nothing
+        else runs meanwhile); else in a worker thread while the loop serves
+        other requests, with the cluster in flight. On failure (the error
+        goes to this request) the cluster is given back and nothing points
+        at it. Waiters wake up either way."""
+        driver = node.driver
+        try:
+            if self.debug.rules:
+                meta.done = trio.Event()
+                await self.debug.delay(node, "cow", meta.index << self._map_bits,
+                                       driver.cluster_size, trio.sleep)  # type: ignore[arg-type]
+            if len(self._cluster) != driver.cluster_size:  # type: ignore[attr-defined]
+                self._cluster = bytearray(driver.cluster_size)  # type: ignore[arg-type]
+            if not meta.copy_now(driver.file, self._cluster):  # type: ignore[attr-defined]
+                meta.done = meta.done or trio.Event()
+                await WORKERS.run(meta.copy, driver.file, driver.cluster_size)  # type: ignore[attr-defined]
+        except BaseException:
+            driver.abort_allocation(meta)  # type: ignore[attr-defined]
+            raise
+        else:
+            try:
+                driver.end_allocation(meta)  # type: ignore[attr-defined]
+            finally:
+                self._unmap(meta.index << self._map_bits, 1)
+        finally:
+            if meta.done is not None:
+                meta.done.set()  # type: ignore[attr-defined]
 
     def _read_below(self, offset: int, length: int) -> bytes | bytearray:
         """A copy-on-write's source: the bytes of a range of one cluster that
@@ -486,7 +586,9 @@ class BlockBackend:
     async def write_zeroes(self, offset: int, length: int) -> None:
         async with self._request() as node:
             await self.debug.delay(node, "write", offset, length, trio.sleep)
-            await self._wait_writes_off_loop()  # a zeroed cluster may be freed: none may land in it later
+            while self._writes_off_loop or node.allocation_at(offset, length) is not None:
+                await self._wait_writes_off_loop()  # a zeroed cluster may be freed: none may land in it later
+                await wait_for_allocations(node, offset, length)
             self._unmap(offset, length)
             node.write_zeroes(offset, length)
             self._notify_write(offset, length)

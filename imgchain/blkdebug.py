@@ -1,13 +1,16 @@
 """Fault injection for tests (QEMU's blkdebug), inert unless IMGCHAIN_BLKDEBUG is set.
 
 Rules come from the JSON file named by IMGCHAIN_BLKDEBUG: a list of
-{"image": PATH-or-node-name, "op": "read"|"write"|"flush", "offset": N,
+{"image": PATH-or-node-name, "op": "read"|"write"|"flush"|"cow", "offset": N,
 "length": N, "errno": "EIO"|"ENOSPC", "delay_ms": N, "once": bool}.
 Offsets are guest offsets of the node the rule names. A request that reaches
 a matching node first waits `delay_ms` (an await, so other requests and jobs
 run meanwhile) and then fails with `errno` if one is given. A read is taken to
 reach every node of the chain below the one it is issued on; a write and a
-flush reach only the node they are issued on.
+flush reach only the node they are issued on. "cow" is the data half of a
+guest write's copy-on-write done off the loop (QEMU's cow_write event), on
+the whole cluster: it waits with the cluster's allocation in flight, so
+requests that come meanwhile meet it; an errno fails that write.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .errors import ImgchainError
 from .node import Node
 
 ENV = "IMGCHAIN_BLKDEBUG"
-OPS = ("read", "write", "flush")
+OPS = ("read", "write", "flush", "cow")
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _names(node: Node, image: str) -> bool:
 
 def _parse_rule(raw: object, where: str) -> Rule:
     if not isinstance(raw, dict) or "image" not in raw or raw.get("op") not in OPS:
-        raise ImgchainError(f"{where}: each rule needs \"image\" and \"op\" (read, write, flush): {raw!r}")
+        raise ImgchainError(f"{where}: each rule needs \"image\" and \"op\" (read, write, flush, cow): {raw!r}")
     code = raw.get("errno")
     if code is not None and code not in ("EIO", "ENOSPC"):
         raise ImgchainError(f"{where}: errno must be EIO or ENOSPC, not {code!r}")

@@ -35,6 +35,9 @@ class Driver(Protocol):
     def in_place_host(self, offset: int) -> int | None: ...
     def write_back(self) -> None: ...
     def write_back_steps(self) -> Iterator[None]: ...
+    def allocation_at(self, offset: int, length: int) -> object | None: ...
+    def begin_allocation(self, offset: int, data: bytes | bytearray | memoryview,
+                         source: tuple[int, int] | None) -> object | None: ...
     def flush(self) -> None: ...
     def change_backing_file(self, name: str | None, fmt: str | None) -> None: ...
     def close(self) -> None: ...
@@ -51,6 +54,16 @@ class Child:
     child: "Node"
     name: str = "backing"
     frozen: bool = False
+
+
+async def wait_for_allocations(node: "Node", offset: int, length: int) -> None:
+    """Wait until no cluster allocation of `node` is in flight in the guest
+    range (QEMU's handle_dependencies; imgchain.backend starts them): a
+    write that touches the range may then check and write without an await
+    in between. The waiter is whatever event the backend gave the
+    allocation (never one on a node with no device: nothing is in flight)."""
+    while (meta := node.allocation_at(offset, length)) is not None:
+        await meta.done.wait()  # type: ignore[attr-defined]
 
 
 def attach_backing(parent: "Node", child: "Node") -> Child:
@@ -206,6 +219,12 @@ class Node:
         self._check_range(offset, len(data))
         if len(data):
             self.driver.write(offset, data, read_below or self.read_below)
+
+    def allocation_at(self, offset: int, length: int) -> object | None:
+        """A cluster allocation of this node in flight (its data being written
+        off the loop) that touches the guest range: a write there must wait
+        for it (`wait_for_allocations`)."""
+        return self.driver.allocation_at(offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a guest range; whole clusters become zero clusters."""

@@ -7,11 +7,23 @@ the driver says UNALLOCATED and, for copy-on-write, calls the `read_below`
 function it is given. Write order follows QCOW2-SUBSET.md §5: refcount
 (durable), data, barrier, L2; new L2 table (durable) before the L1 entry;
 unlink (durable) before free.
+
+A small write that allocates a cluster may also be done in two halves
+(QEMU's QCowL2Meta): `begin_allocation` allocates the host cluster and
+registers the guest cluster as in flight, the caller writes the cluster's
+data (`L2Meta.copy_now` at once when the old bytes are in memory, else
+`L2Meta.copy`, which touches no driver state and may run in a worker
+thread), and `end_allocation` enters the L2 entry. While a cluster is in
+flight no other write may touch it (the caller waits, QEMU's dependent
+requests); the synchronous write path checks that.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from array import array
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from imgchain.formats import CorruptImage
@@ -44,7 +56,7 @@ from imgchain.formats.qcow2_tables import (
     l2_normal,
 )
 
-from .blockfile import BlockFile
+from .blockfile import BlockFile, zero_fill
 from .errors import ImageIOError
 from .extent import Extent, Status
 from .metacache import MetadataCache
@@ -71,6 +83,60 @@ _STATUS = {
 }
 # Below this host offset, adding one L2 table's worth of clusters cannot carry into the flag bits.
 _FAST_HOST_LIMIT = 1 << 55
+
+
+@dataclass(eq=False)
+class L2Meta:
+    """One cluster allocation in flight (QEMU's QCowL2Meta): the new host
+    cluster of guest cluster `index`, which gets `data` at `start` (an offset
+    in the cluster) and the rest from `source`: (fd, host offset) of the
+    cluster's current bytes, or None for zeros. `done` is the caller's
+    waiter, set when the allocation has ended either way (only an
+    allocation that awaits needs one)."""
+
+    index: int
+    host: int
+    start: int
+    data: bytes | bytearray | memoryview
+    source: tuple[int, int] | None
+    done: object = None
+
+    def copy_now(self, file: BlockFile, cluster: bytearray) -> bool:
+        """The data half at once, if the old bytes are in memory (the page
+        cache: a read that would wait for the disk is refused, RWF_NOWAIT):
+        built in `cluster` (a buffer of the cluster's size, used again) and
+        written in one write. False, with nothing written, when they are
+        not: then `copy`, in a worker thread, so that the loop never waits
+        for the disk."""
+        if self.source is None:
+            zero_fill(memoryview(cluster))
+        else:
+            fd, at = self.source
+            try:
+                if os.preadv(fd, [cluster], at, os.RWF_NOWAIT) != len(cluster):
+                    return False  # partly cached, or the file ends: the worker's slow way
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without NOWAIT
+                    raise
+                return False
+        cluster[self.start:self.start + len(self.data)] = self.data
+        file.pwrite(self.host, cluster)
+        return True
+
+    def copy(self, file: BlockFile, cluster_size: int) -> None:
+        """The data half the slow way, however long the disk takes to give
+        the old bytes. Touches no driver state, so a worker thread may run
+        it; an OSError leaves nothing pointing at the cluster."""
+        cluster = bytearray(cluster_size)
+        if self.source is not None:
+            fd, at = self.source
+            view = memoryview(cluster)
+            while view and (done := os.preadv(fd, [view], at)):  # past the file's end: zeros
+                view, at = view[done:], at + done
+        cluster[self.start:self.start + len(self.data)] = self.data
+        file.pwrite(self.host, cluster)
 
 
 def read_header(file: BlockFile, filename: str) -> Qcow2Header:
@@ -119,6 +185,10 @@ class Qcow2Driver:
         # found corrupt while writing: then every further write fails.
         self.meta: MetadataMap | None = None
         self.corruption: str | None = None
+        # Invariant: guest cluster index -> its allocation whose data is being
+        # written (begin_allocation .. end_allocation); its L2 entry is not
+        # entered yet, and no other write touches the cluster meanwhile.
+        self.cluster_allocs: dict[int, L2Meta] = {}
         if file.writable:
             check_writable(filename, self.header)
             reftable = read_reftable(file, self.header)
@@ -361,6 +431,7 @@ class Qcow2Driver:
         meta = self.meta
         assert meta is not None
         first, last = offset // cs, (offset + len(data) - 1) // cs
+        self._check_no_allocation(first, last)
         base = self.geo.l2_index(offset) - first
         fresh = [c for c in range(first, last + 1) if not self._needs_no_allocation(table[base + c])]
         next_host = refcounts.allocate(len(fresh)) if fresh else 0
@@ -393,6 +464,70 @@ class Qcow2Driver:
         if updates:
             self._update_l2(l2_offset, table, updates)
         self.pending.unlinked.extend(dropped)
+
+    def _check_no_allocation(self, first: int, last: int) -> None:
+        """A write must wait for the allocations in flight that it touches
+        (the caller's job: BlockBackend, the block jobs); this catches one
+        that did not, before it could allocate the cluster a second time."""
+        if self.cluster_allocs:
+            busy = [i for i in self.cluster_allocs if first <= i <= last]
+            assert not busy, f"{self.filename}: write to cluster {busy[0]} while its allocation is in flight"
+
+    def allocation_at(self, offset: int, length: int) -> L2Meta | None:
+        """An allocation in flight that touches the guest range, if any."""
+        if not self.cluster_allocs:
+            return None
+        bits = self.geo.cluster_bits
+        first, last = offset >> bits, (offset + max(length, 1) - 1) >> bits
+        if last - first < len(self.cluster_allocs):
+            return next((self.cluster_allocs[i] for i in range(first, last + 1) if i in self.cluster_allocs), None)
+        return next((m for i, m in self.cluster_allocs.items() if first <= i <= last), None)
+
+    def begin_allocation(self, offset: int, data: bytes | bytearray | memoryview,
+                         source: tuple[int, int] | None) -> L2Meta | None:
+        """The first half of a partial write into one cluster that this image
+        does not hold (unallocated or a plain zero cluster): allocate its host
+        cluster and register it in flight. `source` is where the cluster's
+        current bytes are (None: zeros, which a zero cluster always is).
+        None when the write is not such a write (the caller writes it with
+        `write`)."""
+        cs = self.geo.cluster_size
+        index = offset >> self.geo.cluster_bits
+        if (self.refcounts is None or self.corruption is not None or not 0 < len(data) < cs
+                or (offset + len(data) - 1) >> self.geo.cluster_bits != index):
+            return None
+        kind = classify_l2(self.l2_entry(offset))
+        if kind is ClusterType.ZERO_PLAIN:
+            source = None
+        elif kind is not ClusterType.UNALLOCATED:
+            return None
+        self._check_no_allocation(index, index)
+        try:
+            self._l2_for_write(self.geo.l1_index(offset))
+            host = self.refcounts.allocate(1)
+        except MetadataOverlap as exc:
+            raise self._mark_corrupt(exc) from None
+        meta = L2Meta(index, host, offset - index * cs, data, source)
+        self.cluster_allocs[index] = meta
+        return meta
+
+    def end_allocation(self, meta: L2Meta) -> None:
+        """The second half, once the data is written: enter the L2 entry
+        (written back after a barrier, like any other) and end the flight."""
+        del self.cluster_allocs[meta.index]
+        offset = meta.index << self.geo.cluster_bits
+        l2_offset, table = self._l2_for_write(self.geo.l1_index(offset))  # the table as it is now
+        i = self.geo.l2_index(offset)
+        assert classify_l2(table[i]) in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN), \
+            f"{self.filename}: cluster {meta.index} changed during its allocation"
+        self._update_l2(l2_offset, table, {i: l2_normal(meta.host)})
+
+    def abort_allocation(self, meta: L2Meta) -> None:
+        """The data write failed: nothing points at the new cluster; it goes
+        back to the allocator (QEMU's qcow2_alloc_cluster_abort)."""
+        del self.cluster_allocs[meta.index]
+        assert self.refcounts is not None
+        self.refcounts.give_back(meta.host)
 
     def in_place_host(self, offset: int) -> int | None:
         """Host offset where a write at guest `offset` lands with no allocation
@@ -516,6 +651,7 @@ class Qcow2Driver:
 
     def _zero_slice(self, offset: int, length: int) -> None:
         cs = self.geo.cluster_size
+        self._check_no_allocation(offset // cs, (offset + length - 1) // cs)
         l2_offset, table = self._l2_for_write(self.geo.l1_index(offset))
         updates: dict[int, int] = {}
         dropped: list[int] = []

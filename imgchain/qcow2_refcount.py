@@ -180,6 +180,12 @@ class RefcountManager:
             self.free_hint = end
         return start, end - start
 
+    def give_back(self, host_offset: int) -> None:
+        """An allocated cluster that nothing came to reference (a failed
+        write): it joins the reserve, its refcount of 1 as it is, and is
+        handed out first next time."""
+        self.reserve.insert(0, [host_offset >> self.geo.cluster_bits, 1])
+
     def release_reserve(self) -> None:
         """Give back reserved clusters nothing uses (at close)."""
         for start, count in self.reserve:

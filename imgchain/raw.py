@@ -69,6 +69,14 @@ class RawDriver:
         self._require_writable()
         self.file.pwrite(offset, data)
 
+    def allocation_at(self, offset: int, length: int) -> None:
+        """A raw file allocates nothing: never a write in flight to wait for."""
+        return None
+
+    def begin_allocation(self, offset: int, data: object, source: object) -> None:
+        """Nothing to allocate: every write lands in place (`write`)."""
+        return None
+
     def in_place_host(self, offset: int) -> int | None:
         """Where a write at guest `offset` lands: the same offset, if writable."""
         return offset if self.file.writable else None

@@ -4,8 +4,10 @@
 ranges to copy (`ranges`), reads them (`read_range`) and writes them
 (`write_range`) under the job's error policy, then accounts progress (every
 processed byte) and the rate limit (copied bytes only) and reaches a pause
-point. Reads and writes are synchronous except for injected delays, so a
-chunk's own check-then-write never interleaves with a guest request.
+point. Reads and writes are synchronous except for injected delays and the
+wait for a guest copy-on-write in flight in the range (which comes right
+before the write), so a chunk's own check-then-write never interleaves with
+a guest request.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from imgchain.extent import Status
+from imgchain.node import wait_for_allocations
 
 from .job import Job, JobFailed, error_text
 
@@ -169,7 +172,9 @@ class CopyJob(Job):
         await self.injected(source, "read", offset, length)
         data = self.buffer.read(source, offset, length)
         self.stage = "write"
-        await self.injected(self.target_node(), "write", offset, length)
+        target = self.target_node()
+        await self.injected(target, "write", offset, length)
+        await wait_for_allocations(target, offset, length)  # a guest copy-on-write there ends first
         written = self.write_range(offset, data)
         if written:
             for backend in self.manager.graph.backends:

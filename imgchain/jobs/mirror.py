@@ -23,7 +23,7 @@ from typing import Any
 
 from imgchain.backend import BlockBackend
 from imgchain.graph import GraphError
-from imgchain.node import Node
+from imgchain.node import Node, wait_for_allocations
 
 from .copy import CHUNK, BounceBuffer, allocated_above, is_zero, sync_outside_drain
 from .job import Job, JobError
@@ -170,9 +170,11 @@ class ActiveCommitJob(Job):
     async def _copy(self, offset: int, length: int) -> None:
         self.stage = "read"
         await self.injected(self.top, "read", offset, length)
+        await wait_for_allocations(self.top, offset, length)  # copy what a guest write in flight leaves
         data = self.buffer.read(self.top, offset, length)
         self.stage = "write"
         await self.injected(self.base, "write", offset, length)
+        await wait_for_allocations(self.base, offset, length)
         if is_zero(data):
             self.base.write_zeroes(offset, length)
         else:
