@@ -157,22 +157,33 @@ def _wait_event(qmp: QmpClient, name: str) -> dict:
     raise AssertionError(f"no {name} within 120 s")
 
 
-def _stream(qmp: QmpClient) -> None:
+def _stream(qmp: QmpClient, tmp: Path) -> list[Path]:
     qmp.execute("block-stream", device="drive0")
     done = _wait_event(qmp, "BLOCK_JOB_COMPLETED")
     assert "error" not in done["data"], done
+    return [tmp / "top.qcow2"]
 
 
-def _active_commit(qmp: QmpClient) -> None:
+def _active_commit(qmp: QmpClient, tmp: Path) -> list[Path]:
     qmp.execute("block-commit", device="drive0")
     _wait_event(qmp, "BLOCK_JOB_READY")
     qmp.execute("block-job-complete", device="drive0")
     done = _wait_event(qmp, "BLOCK_JOB_COMPLETED")
     assert "error" not in done["data"], done
+    return [tmp / "base.raw"]  # the device's root now
 
 
-@pytest.mark.parametrize("job", [_stream, _active_commit], ids=["stream", "active-commit"])
-def test_a_job_reaching_a_cluster_in_flight_waits_for_it(tmp_path: Path, job: Callable[[QmpClient], None]) -> None:
+def _snapshot(qmp: QmpClient, tmp: Path) -> list[Path]:
+    qmp.execute("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": str(tmp / "snap.qcow2")})
+    return [tmp / "top.qcow2", tmp / "snap.qcow2"]  # the write is in the old top, under the new one
+
+
+@pytest.mark.parametrize("change", [_stream, _active_commit, _snapshot], ids=["stream", "active-commit", "snapshot"])
+def test_a_job_or_graph_change_waits_for_a_copy_on_write_in_flight(
+        tmp_path: Path, change: Callable[[QmpClient, Path], list[Path]]) -> None:
+    """The stream would allocate the cluster a second time and the mirror copy
+    its old bytes; every graph change drains it first. When the job ends or
+    the snapshot answers, the held write has completed."""
     top, model = make_chain(tmp_path)
     c = 3 * CLUSTER
     data = b"\x77" * 4 * KIB
@@ -180,34 +191,16 @@ def test_a_job_reaching_a_cluster_in_flight_waits_for_it(tmp_path: Path, job: Ca
         aio = Aio(disk)
         aio.write("a", c + 12 * KIB, data)
         settle()
-        job(_qmp(disk))  # the stream would allocate the cluster a second time; the mirror copy its old bytes
-        assert ok(aio.reap(1)) == ["a"]
+        images = change(_qmp(disk), tmp_path)
+        assert ok(aio.reap(1, timeout=0)) == ["a"]
         aio.close()
         model[c + 12 * KIB:c + 16 * KIB] = data
         assert disk.read_bytes() == bytes(model)
-    if job is _stream:
-        check_image(top, model)
-    else:  # the device's root is base.raw now
-        assert (tmp_path / "base.raw").read_bytes() == bytes(model)
-
-
-def test_a_snapshot_drains_a_copy_on_write_in_flight_first(tmp_path: Path) -> None:
-    """The graph change waits: when blockdev-snapshot-sync answers, the held
-    write has completed, into the old top, under the new one."""
-    top, model = make_chain(tmp_path)
-    c = 4 * CLUSTER
-    data = b"\x99" * 4 * KIB
-    with mounted(tmp_path, top, [hold_cow(top, 4)]) as disk:
-        aio = Aio(disk)
-        aio.write("a", c + 20 * KIB, data)
-        settle()
-        _qmp(disk).execute("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": str(tmp_path / "snap.qcow2")})
-        assert ok(aio.reap(1, timeout=0)) == ["a"]  # done before the snapshot's drain ended
-        aio.close()
-        model[c + 20 * KIB:c + 24 * KIB] = data
-        assert disk.read_bytes() == bytes(model)
-    check_image(top, model)  # the write is in the old top
-    check_image(tmp_path / "snap.qcow2", model)
+    for image in images:
+        if image.suffix == ".qcow2":
+            check_image(image, model)
+        else:
+            assert image.read_bytes() == bytes(model)
 
 
 def test_concurrent_writers_sharing_clusters_match_the_model(tmp_path: Path) -> None:
