@@ -103,9 +103,10 @@ class WorkerThreads:
             token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(fn, *args))
 
 
-# Copy-on-write waiting for the disk (BlockBackend._copy_on_write): a few at
-# once, so that their reads can overlap on the disk.
-WORKERS = WorkerThreads(4)
+# Copy-on-write waiting for the disk (BlockBackend._copy_on_write). One
+# thread: with four, their GIL hand-offs with the loop cost more than the
+# disk reads they overlapped (BENCHMARKS.md, "Copy-on-write off the loop").
+WORKERS = WorkerThreads(1)
 
 
 def map_entry(fd: int, host: int) -> int:
