@@ -258,7 +258,7 @@ async def test_writes_in_place_go_off_the_loop_while_a_sync_runs(chain3: Path,
     real = trio.to_thread.run_sync
 
     async def gated(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if getattr(fn, "__name__", "") == "pwrite":
+        if getattr(fn, "__name__", "") in ("pwrite", "copy"):
             held.set()
             await release.wait()
         return await real(fn, *args, **kwargs)
@@ -289,6 +289,19 @@ async def test_writes_in_place_go_off_the_loop_while_a_sync_runs(chain3: Path,
             release.set()
         assert done == ["write", "zeroes"]
         assert backend.root.read(8 * KIB, 4 * KIB) == bytes(4 * KIB)
+        release, held = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:  # a copy-on-write meanwhile: off the loop too
+            async def copy_on_write() -> None:
+                await backend.write(20 * KIB + 10, b"\x86" * 100)  # unallocated in top: from below
+                done.append("cow")
+
+            nursery.start_soon(copy_on_write)
+            with trio.fail_after(10):
+                await held.wait()
+            assert bytes(await backend.read(0, 4 * KIB)) == b"\xaa" * 4096
+            assert "cow" not in done
+            release.set()
+        assert backend.root.read(20 * KIB, 4 * KIB) == b"\xaa" * 10 + b"\x86" * 100 + b"\xaa" * (4 * KIB - 110)
         backend.syncs_running -= 1
         await backend.write(16 * KIB, b"\x84" * 100)
         await backend.read(16 * KIB, 4 * KIB)
