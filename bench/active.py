@@ -388,8 +388,8 @@ def report(results: dict[tuple[int, str], list[Result]], args: argparse.Namespac
         f"of mid into a new snap.qcow2 (mode absolute-paths), timed to its reply. Nothing is pinned. "
         f"Each figure is the median of {runs} (min-max); imgchain and qsd run back to back within a "
         f"repetition, and the ratios are computed run by run. \"Copied by READY\" is the job's offset in "
-        f"BLOCK_JOB_READY (bytes copied, fio's rewrites included), \"dirty at start\" its length just after "
-        f"the command; copy MB/s is copied / time to READY.", "",
+        f"BLOCK_JOB_READY (bytes copied, fio's rewrites included), \"dirty at start\" its length once the copy has "
+        f"begun (both fill their dirty bitmap from the allocation first); copy MB/s is copied / time to READY.", "",
         table(results), "",
         "Stall: over the writes in flight at some moment of the window (issued before its end, completed "
         "after its start): the copy is block-commit to BLOCK_JOB_READY, the pivot is block-job-complete to BLOCK_JOB_COMPLETED, the snapshot the "
