@@ -288,6 +288,54 @@ async def test_guest_requests_are_served_while_an_active_commit_scans_the_alloca
     s.close()
 
 
+async def test_a_bug_in_one_job_ends_that_job_and_the_daemon_goes_on(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception in a job's run (here a stream's ranges) or
+    prepare ends that job with an "internal error" and its chain as it was;
+    the job manager, the device and a later job go on."""
+    from imgchain.jobs.stream import StreamJob
+
+    s = Setup(chain, [])
+    before = bytes(await s.backend.read(0, s.backend.size))
+    real_ranges, real_prepare = StreamJob.ranges, StreamJob.prepare
+
+    def broken(self: Any, offset: int, length: int) -> Any:
+        if offset >= 2 * MIB:
+            raise RuntimeError("boom")
+        return real_ranges(self, offset, length)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        monkeypatch.setattr(StreamJob, "ranges", broken)
+        job = await create_stream(s.manager, {"device": "drive0", "base-node": "img-4"})
+        with trio.fail_after(60):
+            await job.done.wait()
+        assert job.error == "internal error: RuntimeError: boom"
+        assert s.backend.root.backing_node is s.node("img-7")  # the chain as it was
+        assert bytes(await s.backend.read(0, s.backend.size)) == before
+        monkeypatch.setattr(StreamJob, "ranges", real_ranges)
+
+        async def broken_prepare(self: Any) -> None:
+            raise AssertionError("a broken invariant")
+
+        monkeypatch.setattr(StreamJob, "prepare", broken_prepare)
+        failed = await create_stream(s.manager, {"device": "drive0", "base-node": "img-4"})
+        with trio.fail_after(60):
+            await failed.done.wait()
+        assert failed.error == "internal error: AssertionError: a broken invariant"
+        assert s.backend.root.backing_node is s.node("img-7")
+        monkeypatch.setattr(StreamJob, "prepare", real_prepare)
+        again = await create_stream(s.manager, {"device": "drive0", "base-node": "img-4"})
+        with trio.fail_after(60):
+            await again.done.wait()
+        nursery.cancel_scope.cancel()
+    assert again.error is None and s.backend.root.backing_node is s.node("img-4")
+    assert bytes(await s.backend.read(0, s.backend.size)) == before
+    completed = [d for name, d in s.events if name == "BLOCK_JOB_COMPLETED"]
+    assert completed[0]["error"] == "internal error: RuntimeError: boom" and "error" not in completed[2]
+    s.close()
+
+
 async def test_a_job_created_while_another_reopens_its_target_finds_the_nodes_busy(chain: Path,
                                                                                    autojump_clock: Any) -> None:
     """The stress mode's find: an intermediate commit of img-2 into img-0 waits

@@ -71,6 +71,14 @@ def error_text(exc: BaseException) -> str:
     return os.strerror(code) if code else str(exc)
 
 
+def internal_error(job: "Job", exc: Exception) -> str:
+    """A job's unexpected exception (a bug): logged with its traceback, and
+    the error text the job ends with."""
+    import logging  # only on this path: an offline CLI job does not pay for it otherwise
+    logging.getLogger("imgchain.jobs").error("job '%s' failed with an internal error", job.id, exc_info=exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
 class RateLimit:
     """QEMU's ratelimit.h: a quota of bytes per 100 ms slice, 0 = unlimited."""
 
@@ -306,6 +314,10 @@ class Job:
                 await self.run()
         except JobFailed as exc:
             failure = str(exc)
+        except IO_ERRORS as exc:
+            failure = error_text(exc)
+        except Exception as exc:  # a bug in one job ends that job, not the daemon and its other jobs
+            failure = internal_error(self, exc)
         if failure is None and not self.cancelled:
             self.transition("waiting")
             self.transition("pending")
@@ -328,6 +340,8 @@ class Job:
             await self.prepare()
         except (JobFailed, *IO_ERRORS) as exc:
             return str(exc) if isinstance(exc, JobFailed) else error_text(exc)
+        except Exception as exc:  # prepare's graph changes are all or nothing: the graph is still whole
+            return internal_error(self, exc)
         await self._clean()
         self.cancelled = False
         self.manager.emit("BLOCK_JOB_COMPLETED", self._event_data())
