@@ -525,12 +525,8 @@ def storm_rules() -> BlkDebug:
     return BlkDebug([Rule(image="top", op="read", delay_ms=7), Rule(image="top", op="write", delay_ms=3)])
 
 
-@pytest.mark.parametrize("kind", ["stream", "commit"])
-async def test_no_graph_change_with_a_guest_request_in_flight(env: Env, kind: str, autojump_clock: Any) -> None:
-    changes = record_graph_changes(env)
-    in_flight_at_pending: list[int] = []
-    env.manager.listeners.append(lambda name, data: in_flight_at_pending.append(env.backend.in_flight)
-                                 if data.get("status") == "pending" else None)
+async def job_under_storm(env: Env, kind: str) -> Job:
+    """Run a job of `kind` to its end while three guest tasks read and write (slowed by blkdebug)."""
     env.backend.debug = storm_rules()
     async with serving(env.manager) as nursery:
         for seed in range(3):
@@ -538,6 +534,16 @@ async def test_no_graph_change_with_a_guest_request_in_flight(env: Env, kind: st
         job = await START[kind](env)
         await job.done.wait()
         nursery.cancel_scope.cancel()
+    return job
+
+
+@pytest.mark.parametrize("kind", ["stream", "commit"])
+async def test_no_graph_change_with_a_guest_request_in_flight(env: Env, kind: str, autojump_clock: Any) -> None:
+    changes = record_graph_changes(env)
+    in_flight_at_pending: list[int] = []
+    env.manager.listeners.append(lambda name, data: in_flight_at_pending.append(env.backend.in_flight)
+                                 if data.get("status") == "pending" else None)
+    job = await job_under_storm(env, kind)
     assert in_flight_at_pending == [3]  # the drain had requests to wait for
     assert changes == [{"readers": 0, "in_flight": 0, "quiesced": 1}]
     assert env.names() == AFTER[kind][0]
@@ -556,13 +562,7 @@ async def test_the_check_catches_a_graph_change_without_drain(env: Env, kind: st
 
     monkeypatch.setattr(env.graph, "drained", no_drain)
     changes = record_graph_changes(env)
-    env.backend.debug = storm_rules()
-    async with serving(env.manager) as nursery:
-        for seed in range(3):
-            nursery.start_soon(guest_storm, env, seed)
-        job = await START[kind](env)
-        await job.done.wait()
-        nursery.cancel_scope.cancel()
+    job = await job_under_storm(env, kind)
     assert changes == [{"readers": 3, "in_flight": 3, "quiesced": 0}]
     assert job.error is not None and job.error.startswith("internal error: AssertionError:"), job.error
     assert "drain first" in job.error
