@@ -532,9 +532,8 @@ class BlockBackend:
         the cluster's old bytes are in the page cache (no await: nothing
         else runs meanwhile); else, or while a sync of the chain runs, in a
         worker thread while the loop serves other requests, with the cluster
-        in flight. On failure (the error
-        goes to this request) the cluster is given back and nothing points
-        at it. Waiters wake up either way."""
+        in flight. On failure (the error goes to this request) the cluster
+        is given back and nothing points at it. Waiters wake up either way."""
         driver = node.driver
         try:
             if self.debug.rules:
@@ -543,12 +542,13 @@ class BlockBackend:
                                        driver.cluster_size, trio.sleep)  # type: ignore[arg-type]
             if len(self._cluster) != driver.cluster_size:  # type: ignore[attr-defined]
                 self._cluster = bytearray(driver.cluster_size)  # type: ignore[arg-type]
-            if self.syncs_running:  # the file system may hold the write for its journal: off the loop,
-                meta.done = meta.done or trio.Event()  # in a thread of its own, as writes in place then
-                await trio.to_thread.run_sync(meta.copy, driver.file, driver.cluster_size)  # type: ignore[attr-defined]
-            elif not meta.copy_now(driver.file, self._cluster):  # type: ignore[attr-defined]
+            # while a sync runs the file system may hold the write for its journal: then in a
+            # thread of its own, as writes in place; else the one worker, unless it can go at once
+            syncing = self.syncs_running > 0
+            if syncing or not meta.copy_now(driver.file, self._cluster):  # type: ignore[attr-defined]
                 meta.done = meta.done or trio.Event()
-                await WORKERS.run(meta.copy, driver.file, driver.cluster_size)  # type: ignore[attr-defined]
+                run = trio.to_thread.run_sync if syncing else WORKERS.run
+                await run(meta.copy, driver.file, driver.cluster_size)  # type: ignore[attr-defined]
         except BaseException:
             driver.abort_allocation(meta)  # type: ignore[attr-defined]
             raise
