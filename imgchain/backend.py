@@ -32,7 +32,7 @@ import time
 from array import array
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import outcome
 import trio
@@ -109,6 +109,10 @@ class WorkerThreads:
 WORKERS = WorkerThreads(1)
 
 
+async def _told() -> None:
+    """A device outside any graph: no graph change to wait for."""
+
+
 def map_entry(fd: int, host: int) -> int:
     """The read slot of a cluster found at `host` in file `fd`."""
     if host & 511 or host >= _HOST_LIMIT or fd >= FD_MASK:
@@ -138,6 +142,8 @@ class BlockBackend:
         self.debug = debug or BlkDebug([])
         # The graph lock this device's requests hold for reading (the graph's, once added).
         self.graph_lock = GraphLock()
+        # Until the graph's listeners know of every graph change (BlockGraph.changes_told).
+        self.changes_told: Callable[[], Awaitable[None]] = _told
         self.dev_ops: BlockDevOps | None = None
         # Invariant: in_flight counts requests between their start and end.
         self.in_flight = 0
@@ -599,17 +605,20 @@ class BlockBackend:
             self._notify_write(offset, length)
 
     async def flush(self) -> None:
-        """Make everything written so far durable. Metadata is written back on
-        the loop (it reads and changes the driver's state); only the final
-        fdatasync, which changes nothing in memory, goes to a worker thread."""
+        """Make everything written so far durable. The metadata write-back
+        runs in steps on the loop (it reads and changes the driver's state);
+        its barriers and the final fdatasync, which change nothing in
+        memory, go to a worker thread while other requests go on."""
         async with self._request() as node:
             await self.debug.delay(node, "flush", 0, 0, trio.sleep)
-            node.write_back()
             self.syncs_running += 1
             try:
+                for _ in node.write_back_steps():
+                    await trio.to_thread.run_sync(node.sync_file)
                 await trio.to_thread.run_sync(node.sync_file)
             finally:
                 self.syncs_running -= 1
+        await self.changes_told()  # after a pivot: durable in the chain the mount record names
 
     # -- drain ------------------------------------------------------------
 

@@ -3,11 +3,17 @@
 Only positional calls (`os.pread`/`os.pwrite`), never a shared file position.
 Reads past the end of the file return zeros, as QEMU's protocol layer does for
 the partly written last cluster of a qcow2 image.
+
+`flush` (fdatasync) may run in worker threads, several at once; the file
+counts them so that a caller can ask whether one that started after a given
+moment has completed (`sync_mark`, `durable_since`): an ordering barrier that
+somebody else's sync already provides need not be paid again.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 from .locks import Perms, apply_locks
 
@@ -30,6 +36,9 @@ class BlockFile:
         self.path = path
         self.writable = writable
         self.fd = os.open(path, flags)
+        # syncs started so far, and the highest start number of a completed one
+        self._syncs_started, self._durable = 0, -1
+        self._sync_count = threading.Lock()
         if lock is not None:
             try:
                 apply_locks(self.fd, path, lock)
@@ -90,7 +99,23 @@ class BlockFile:
         os.ftruncate(self.fd, size)
 
     def flush(self) -> None:
+        with self._sync_count:
+            number = self._syncs_started
+            self._syncs_started += 1
         os.fdatasync(self.fd)
+        with self._sync_count:
+            self._durable = max(self._durable, number)
+
+    def sync_mark(self) -> int:
+        """A moment: syncs that start from now on have this number or more."""
+        with self._sync_count:
+            return self._syncs_started
+
+    def durable_since(self, mark: int) -> bool:
+        """Has a sync that started at or after `mark` completed (so everything
+        written before `mark` is on disk)?"""
+        with self._sync_count:
+            return self._durable >= mark
 
     def close(self) -> None:
         if self.fd >= 0:

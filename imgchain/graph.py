@@ -97,10 +97,41 @@ class BlockGraph:
         # Called after every change of links, roots or membership (the daemon
         # rewrites its mount record so `imgchain mounts` shows the chain as it is).
         self.listeners: list[Callable[[], None]] = []
+        # While a change is held (`changes_held`), changed() only notes it:
+        # the listeners hear of it when the last hold ends (`_told` is set then).
+        self._holds = 0
+        self._untold = False
+        self._told = self.aio.event()
 
     def changed(self) -> None:
+        if self._holds:
+            self._untold = True
+            return
         for listener in list(self.listeners):
             listener()
+
+    @contextmanager
+    def changes_held(self) -> Iterator[None]:
+        """The listeners hear of the changes made inside only when it ends: a
+        pivot's mount record names the new root once that root is durable,
+        not before (a kill -9 between would show a chain missing data)."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                if self._untold:
+                    self._untold = False
+                    self.changed()
+                self._told.set()
+                self._told = self.aio.event()
+
+    async def changes_told(self) -> None:
+        """Until no change is held: a device's flush returns only then, so
+        what it made durable is in the chain the listeners were told of."""
+        while self._holds:
+            await self._told.wait()
 
     # -- membership -------------------------------------------------------
 
@@ -111,6 +142,7 @@ class BlockGraph:
     def add_backend(self, backend: "BlockBackend") -> None:
         self.backends.append(backend)
         backend.graph_lock = self.lock
+        backend.changes_told = self.changes_told
 
     def backend_of(self, node: Node) -> "BlockBackend | None":
         return next((b for b in self.backends if b.root is node), None)

@@ -242,8 +242,9 @@ class Node:
 
     def write_back_steps(self) -> Iterator[None]:
         """`write_back` leaving its barriers to the caller: each step yields
-        where the file must be made durable before the next writes (only
-        for a node that nothing else writes meanwhile)."""
+        where the file must be made durable before the next writes (guests
+        may write to the node meanwhile: what they change waits for the next
+        write-back)."""
         return self.driver.write_back_steps()
 
     def sync_file(self) -> None:

@@ -61,7 +61,7 @@ from .errors import ImageIOError
 from .extent import Extent, Status
 from .metacache import MetadataCache
 from .qcow2_overlap import ACTIVE_L2, MetadataMap, MetadataOverlap
-from .qcow2_pending import PendingMetadata
+from .qcow2_pending import PendingMetadata, WriteBack
 from .qcow2_refcount import RefcountManager, read_reftable
 
 if TYPE_CHECKING:
@@ -180,6 +180,7 @@ class Qcow2Driver:
         self.l2_cache: MetadataCache[array] = MetadataCache(self.geo.cluster_size)
         self.refcounts: RefcountManager | None = None
         self.pending = PendingMetadata()
+        self._writing_back: Iterator[None] | None = None  # a write-back stopped at a barrier
         self.ordered = True  # issue barriers between dependent writes
         # Where metadata lives; None when read-only. Set when the image is
         # found corrupt while writing: then every further write fails.
@@ -587,27 +588,47 @@ class Qcow2Driver:
 
     def write_back_steps(self) -> Iterator[None]:
         """`write_back` as steps: it yields wherever a barrier is due, and the
-        caller makes the file durable (`barrier`, or an fdatasync in a worker
-        thread) before resuming it. Between the steps nothing else may write
-        to this image (a job's target, which only the job writes): the
-        tables taken are written as they are when the step resumes."""
-        if not self.pending:
-            return
-        work = self.pending.take()
-        yield from self._barrier_due()  # data and COW before the L2 entries that point to them
-        for offset, dirty in sorted(work.l2.items()):
-            self.file.pwrite(offset + 8 * dirty.lo, encode_u64_table(dirty.table[dirty.lo:dirty.hi + 1]))
+        caller makes the file durable (an fdatasync in a worker thread, say)
+        before resuming it; guests may write meanwhile. A step resumed
+        without a sync that started after its yield syncs the file itself,
+        so the order holds whoever resumes it. Write-backs of one image run
+        one after the other: one started while another waits at a barrier
+        first finishes that one (its older tables must not land last)."""
+        if self._writing_back is not None:
+            yield from self._resume(self._writing_back)
+        if self.pending:
+            steps = self._writing_back = self._write_back(self.pending.take(self.l1))
+            yield from self._resume(steps)
+
+    def _resume(self, steps: Iterator[None]) -> Iterator[None]:
+        # A loop, not `yield from`: a caller that gives up (cancelled at a
+        # barrier) must not close `steps`; the next write-back finishes them.
+        for _ in steps:
+            yield
+        if self._writing_back is steps:
+            self._writing_back = None
+
+    def _write_back(self, work: WriteBack) -> Iterator[None]:
+        try:
+            yield from self._barrier_due()  # data and COW before the L2 entries that point to them
+            for at, entries in work.l2:
+                self.file.pwrite(at, entries)
+        finally:
+            self.pending.landed(work)
         if work.l1:
             yield from self._barrier_due()  # new L2 tables before the L1 entries that point to them
-            for i in sorted(work.l1):
-                self.file.pwrite(self.header.l1_table_offset + 8 * i, encode_u64(self.l1[i]))
+            for i, entry in work.l1:
+                self.file.pwrite(self.header.l1_table_offset + 8 * i, encode_u64(entry))
         if work.unlinked:
             yield from self._barrier_due()  # unlink before free
             self._drop_clusters(work.unlinked)
 
     def _barrier_due(self) -> Iterator[None]:
         if self.ordered:
+            mark = self.file.sync_mark()
             yield
+            if not self.file.durable_since(mark):
+                self.file.flush()
 
     def _drop_clusters(self, entries: list[int]) -> None:
         """Free the host clusters of unlinked entries (after the unlink is durable)."""

@@ -7,12 +7,22 @@ the image consistent after a crash at any point (QCOW2-SUBSET.md §5, §9):
 data durable, then L2 tables, durable, then L1 entries, durable, and only then
 the refcount decreases of clusters the new entries no longer reference. A kill
 before a flush loses only what the guest had not flushed, and leaks at worst.
+
+A write-back may run in steps with guests writing between them (its barriers
+in a worker thread): `take` then copies what it hands over (`WriteBack`: the
+dirty entries' bytes and the L1 entries as they are at that moment), so an
+entry a guest changes after it waits for the next write-back, whose barrier
+comes after that entry's data. Until a table handed over is written, lookups
+still find it (`in_flight`): the cache may have let it go, and the file does
+not have it yet.
 """
 
 from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+
+from imgchain.formats.qcow2_tables import encode_u64_table
 
 
 @dataclass
@@ -25,12 +35,24 @@ class DirtyTable:
 
 
 @dataclass
+class WriteBack:
+    """What one write-back writes, fixed when it was taken."""
+
+    l2: list[tuple[int, bytes]]  # (file offset, the entries' bytes), in file order
+    l1: list[tuple[int, int]]  # (L1 index, entry)
+    unlinked: list[int]  # L2 entries whose clusters are freed once the new entries are durable
+    tables: list[int]  # the L2 tables' offsets (in flight until written)
+
+
+@dataclass
 class PendingMetadata:
-    # Invariant: every table here is also the one the driver reads from.
+    # Invariant: every table here (and in in_flight) is also the one the driver reads from.
     l2: dict[int, DirtyTable] = field(default_factory=dict)
     l1: set[int] = field(default_factory=set)
     # L2 entries whose host clusters lose a reference once the new entries are durable.
     unlinked: list[int] = field(default_factory=list)
+    # Tables a write-back took and has not written yet (offset -> table, with a count of takers).
+    in_flight: dict[int, tuple[array, int]] = field(default_factory=dict)
 
     def mark_l2(self, offset: int, table: array, lo: int, hi: int) -> None:
         dirty = self.l2.get(offset)
@@ -41,13 +63,30 @@ class PendingMetadata:
 
     def table(self, offset: int) -> array | None:
         dirty = self.l2.get(offset)
-        return dirty.table if dirty is not None else None
+        if dirty is not None:
+            return dirty.table
+        flying = self.in_flight.get(offset)
+        return flying[0] if flying is not None else None
 
     def __bool__(self) -> bool:
         return bool(self.l2 or self.l1 or self.unlinked)
 
-    def take(self) -> "PendingMetadata":
-        """Hand over everything pending and start empty."""
-        taken = PendingMetadata(self.l2, self.l1, self.unlinked)
+    def take(self, l1: array) -> WriteBack:
+        """Hand over everything pending, as it is now, and start empty."""
+        work = WriteBack(
+            [(offset + 8 * d.lo, encode_u64_table(d.table[d.lo:d.hi + 1])) for offset, d in sorted(self.l2.items())],
+            [(i, l1[i]) for i in sorted(self.l1)], self.unlinked, sorted(self.l2))
+        for offset, dirty in self.l2.items():
+            _, takers = self.in_flight.get(offset, (dirty.table, 0))
+            self.in_flight[offset] = (dirty.table, takers + 1)
         self.l2, self.l1, self.unlinked = {}, set(), []
-        return taken
+        return work
+
+    def landed(self, work: WriteBack) -> None:
+        """`work`'s tables are in the file (the cache may drop them now)."""
+        for offset in work.tables:
+            table, takers = self.in_flight[offset]
+            if takers > 1:
+                self.in_flight[offset] = (table, takers - 1)
+            else:
+                del self.in_flight[offset]

@@ -375,15 +375,17 @@ async def test_a_job_created_while_another_reopens_its_target_finds_the_nodes_bu
         assert proc.returncode == 0, proc.stdout
 
 
-async def test_a_snapshot_waits_for_another_snapshots_sync_of_the_root(chain: Path, autojump_clock: Any,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stress mode's second find: snapshot B reopened the root read-only
-    (closing its descriptor) while snapshot A's fdatasync of it still ran in
-    a worker thread; the kernel then kept the old descriptor's image locks
-    until that returned, the reopen's new locks were refused and the root was
-    left with a closed file (every later guest write: EBADF). B's reopen now
-    waits for A's sync; whichever then changes the graph first wins, and the
-    other finds the root changed and does nothing."""
+async def test_two_snapshots_at_once_stack_and_each_old_root_is_reopened_after_its_sync(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stress mode's second find: a snapshot reopened the root read-only
+    (closing its descriptor) while another snapshot's fdatasync of it still
+    ran in a worker thread; the kernel then kept the old descriptor's image
+    locks until that returned, the reopen's new locks were refused and the
+    root was left with a closed file (every later guest write: EBADF). Now
+    each snapshot moves the device first and syncs the old root after the
+    drain; its reopen read-only waits for every sync of that file. Two at
+    once: the second snapshots the first's overlay (or, if it looked the root
+    up before the first moved it, finds it changed and does nothing)."""
     gates: list[trio.Event] = []
 
     async def held_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -394,6 +396,7 @@ async def test_a_snapshot_waits_for_another_snapshots_sync_of_the_root(chain: Pa
 
     monkeypatch.setattr(trio.to_thread, "run_sync", held_thread)
     s = Setup(chain, [])
+    img8 = s.node("img-8")
     results: dict[str, Any] = {}
 
     async def snapshot(tag: str) -> None:
@@ -404,28 +407,85 @@ async def test_a_snapshot_waits_for_another_snapshots_sync_of_the_root(chain: Pa
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(snapshot, "a")
-        await wait_all_tasks_blocked()
         nursery.start_soon(snapshot, "b")
         await wait_all_tasks_blocked()
-        assert len(gates) == 2  # both in their first sync of img-8
-        gates[1].set()  # B's syncs end first
-        await wait_all_tasks_blocked()
-        gates[2].set()
-        await wait_all_tasks_blocked()
-        assert "b" not in results and s.backend.root.node_name == "img-8"  # drained, waiting for A's sync
-        for gate in gates[3:] + [gates[0]]:
-            gate.set()
+        assert gates and not results  # the device moved; the old roots' syncs are held in their threads
+        assert s.backend.root.node_name in ("a", "b") and img8.writable  # no reopen under a running sync
         while len(results) < 2:
             for gate in gates:
                 gate.set()
             await wait_all_tasks_blocked()
-    winner, loser = sorted(results, key=lambda tag: isinstance(results[tag], Exception))
-    assert s.backend.root is results[winner] and s.backend.root.backing_node is s.node("img-8")
-    assert "changed while the snapshot waited" in str(results[loser])
-    await s.backend.write(0, b"\x22" * 4096)  # the new root takes writes; img-8 is its read-only backing
+    made = [tag for tag in ("a", "b") if not isinstance(results[tag], Exception)]
+    assert made and s.backend.root is results[made[-1]]
+    for tag in ("a", "b"):
+        if tag not in made:
+            assert "changed while the snapshot waited" in str(results[tag])
+    below = s.backend.root.chain()[1:]
+    assert img8 in below and not any(node.writable for node in below)  # every old root: a read-only backing
+    await s.backend.write(0, b"\x22" * 4096)
     assert bytes(await s.backend.read(0, 4096)) == b"\x22" * 4096
-    assert not s.node("img-8").writable
     s.close()
-    for image in (f"{winner}.qcow2", "img-8.qcow2"):
+    for image in [f"{tag}.qcow2" for tag in made] + ["img-8.qcow2"]:
         proc = qemu_img("check", chain / image)
         assert proc.returncode == 0, proc.stdout
+
+
+async def test_the_pivot_is_told_only_once_base_is_durable_and_a_flush_waits_for_that(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pivot's drain runs no fdatasync (one held every guest request for
+    up to 140 ms): base is synced after it while the guest writes to base.
+    Until then the graph's listeners (the mount record) still name the old
+    top, where everything flushed before the pivot is durable, and a guest
+    flush after the pivot returns only once they name base: a kill -9 at
+    any moment leaves the record naming a chain that holds every flushed byte."""
+    gates: list[trio.Event] = []
+
+    async def held_syncs(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "") == "sync_file":  # fdatasyncs wait for the test; other thread work runs inline
+            gate = trio.Event()
+            gates.append(gate)
+            await gate.wait()
+        return fn(*args)
+
+    async def release(first: int = 0) -> None:
+        for gate in gates[first:]:
+            gate.set()
+        await wait_all_tasks_blocked()
+
+    s = Setup(chain, [])
+    log: list[str] = []
+    s.graph.listeners.append(lambda: log.append(f"told {s.backend.root.node_name}"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
+        await until(lambda: job.status == "ready")
+        monkeypatch.setattr(trio.to_thread, "run_sync", held_syncs)
+        job.complete()
+        await wait_all_tasks_blocked()
+        assert s.backend.root.node_name == "img-6" and gates  # pivoted; base's sync held
+        assert "told img-6" not in log and not job.done.is_set()
+        await s.backend.write(2 * MIB, b"\x6b" * 4096)  # the guest writes to base meanwhile
+
+        async def guest_flush() -> None:
+            await s.backend.flush()
+            log.append("flushed")
+
+        nursery.start_soon(guest_flush)
+        await wait_all_tasks_blocked()
+        first_of_flush = len(gates) - 1
+        while len(gates) > first_of_flush and "flushed" not in log:  # the flush's own syncs end...
+            before = len(gates)
+            await release(first_of_flush)
+            if len(gates) == before:
+                break
+        assert "flushed" not in log  # ...but it waits until the pivot is told
+        while not job.done.is_set():
+            await release()
+        await until(lambda: "flushed" in log)
+        nursery.cancel_scope.cancel()
+    assert job.error is None
+    assert log.index("told img-6") < log.index("flushed")
+    assert bytes(s.node("img-6").read(2 * MIB, 4096)) == b"\x6b" * 4096
+    s.close()
+    proc = qemu_img("check", chain / "img-6.qcow2")
+    assert proc.returncode == 0, proc.stdout

@@ -79,7 +79,7 @@ class CommitJob(CopyJob):
 
     async def prepare(self) -> None:
         graph = self.manager.graph
-        await sync_outside_drain(self.manager.graph, self.base, only_writer=True)
+        await sync_outside_drain(self.manager.graph, self.base)
         async with graph.drained():
             self.thaw()
             if self.base not in self.top.chain():

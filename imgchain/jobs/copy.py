@@ -103,26 +103,18 @@ class BounceBuffer:
         return view
 
 
-async def sync_outside_drain(graph: "BlockGraph", node: "Node", only_writer: bool = False) -> None:
-    """Make what a job wrote into `node` durable before its graph change
-    drains, with the long fdatasync in a worker thread: the data first (the
-    loop keeps serving guest I/O meanwhile), then the metadata write-back,
-    whose ordering barrier then finds little left to sync, then once more.
-    The drain after it holds guest I/O only for the few writes since.
-
-    When the job is the `only_writer` of `node` (a commit's base: no device
-    writes it), the write-back's barriers run in the worker thread too; a
-    barrier on the loop waits for the filesystem's journal, and held every
-    guest request for 10-15 ms during an active commit's pivot. A node the
-    guest writes (a stream's top) keeps them on the loop: a guest write
-    between the barrier and the table writes could otherwise reach the
-    disk's tables before its data."""
+async def sync_outside_drain(graph: "BlockGraph", node: "Node") -> None:
+    """Make what was written into `node` durable before a graph change
+    drains, with every fdatasync in a worker thread while the loop serves
+    guest I/O: the data first, then the metadata write-back, whose ordering
+    barriers then find little left to sync, then once more. The drain after
+    it holds guest I/O only for the few writes since. A barrier on the loop
+    waits for the file system's journal, and held every guest request for
+    10-140 ms during a pivot or a snapshot; the write-back's steps stay in
+    order with guests writing between them (`Qcow2Driver.write_back_steps`)."""
     await graph.sync_off_loop(node)
-    if only_writer:
-        for _ in node.write_back_steps():
-            await graph.sync_off_loop(node)
-    else:
-        node.write_back()
+    for _ in node.write_back_steps():
+        await graph.sync_off_loop(node)
     await graph.sync_off_loop(node)
 
 

@@ -9,9 +9,10 @@ the copy awaits is copied again later. When nothing is dirty the job flushes
 base and becomes READY (BLOCK_JOB_READY); it then keeps base in sync.
 
 `block-job-complete` asks for the pivot: `prepare` drains the graph (no guest
-request in flight, none starts), copies what is still dirty, flushes base and
-replaces the top by base in every parent, the device included
-(`BlockBackend.replace_root`). No header is rewritten; the old top and the
+request in flight, none starts), copies what is still dirty and replaces the
+top by base in every parent, the device included (`BlockBackend.replace_root`);
+base is made durable after the drain, before the mount record names it. No
+header is rewritten; the old top and the
 nodes between leave the graph and are closed (their locks released). A
 cancel before READY abandons the job; after READY a cancel without force
 ends COMPLETED with base in sync and no pivot; with force, CANCELLED.
@@ -125,7 +126,7 @@ class ActiveCommitJob(Job):
                 return  # prepare copies the rest with guest I/O held: a short hold, however busy the guest
             if not self.dirty.count:
                 if self.status == "running":
-                    await sync_outside_drain(self.manager.graph, self.base, only_writer=True)
+                    await sync_outside_drain(self.manager.graph, self.base)
                     if self.cancelled:
                         continue
                     self.transition("ready")  # as QEMU: in sync once, whatever arrived during the flush
@@ -183,26 +184,30 @@ class ActiveCommitJob(Job):
     # -- completion -------------------------------------------------------------
 
     async def prepare(self) -> None:
+        """Copy what is dirty down to a short backlog while the guest goes
+        on, then drain (nothing in flight, nothing starts), copy the rest
+        and, to pivot, replace top by base in every parent, the device
+        included. No fdatasync runs while drained: a sync waits for the file
+        system's journal, 10-140 ms with a guest writing, and every guest
+        request would wait as long. Base is made durable after the drain,
+        every sync in a worker thread while the guest writes to base, and
+        only then do the graph's listeners (the mount record) hear of the
+        pivot; a guest flush returns only after that (`changes_held`). A
+        kill -9 before it leaves the record naming top, where everything
+        the guest flushed before the pivot is durable."""
         graph = self.manager.graph
-        for _ in range(3):  # converge outside the drain: what came during the syncs is copied first
+        with graph.changes_held():
             await self._copy_dirty_down_to(PIVOT_BACKLOG)
-            await sync_outside_drain(self.manager.graph, self.base, only_writer=True)
-            # the old top's data too, or on ext4 the sync of base inside the drain would wait for
-            # the guest's new data in top; not its metadata (a write-back's barriers would run on
-            # the loop): it is written back when top is closed after the pivot, in a worker thread
-            await graph.sync_off_loop(self.top)
-            if self.dirty.count * self.dirty.granule <= PIVOT_BACKLOG:
-                break
-        async with graph.drained():
-            await self._copy_dirty_down_to(0)  # nothing new arrives while drained
-            self.base.flush()
-            self._stop_tracking()
-            self.thaw()
-            if self.should_complete and not self.soft_cancelled:
-                try:
-                    graph.replace_node(self.top, self.base)
-                except GraphError as exc:
-                    raise JobError(str(exc)) from None
+            async with graph.drained():
+                await self._copy_dirty_down_to(0)  # nothing new arrives while drained
+                self._stop_tracking()
+                self.thaw()
+                if self.should_complete and not self.soft_cancelled:
+                    try:
+                        graph.replace_node(self.top, self.base)
+                    except GraphError as exc:
+                        raise JobError(str(exc)) from None
+            await sync_outside_drain(graph, self.base)
 
     async def _copy_dirty_down_to(self, limit: int) -> None:
         """Copy dirty runs until at most `limit` dirty bytes are left (errors

@@ -5,10 +5,13 @@ file whose backing is the active node's file by its absolute path, as QEMU
 names it) or takes an existing one (mode `existing`: it must already name
 the active node's file as its backing), opens it read-write, and then, in
 the graph's order, drains (requests in flight finish, new ones wait; none
-fails), looks the device's root up again, reopens the old root read-only
-(it becomes a backing, with a backing's locks), links the overlay above it
-and moves the device onto the overlay (`BlockBackend.replace_root`). Writes
+fails), looks the device's root up again, links the overlay above it and
+moves the device onto the overlay (`BlockBackend.replace_root`). Writes
 after it land in the overlay. Nothing is changed when any step is refused.
+Then the old root becomes a read-only backing, with a backing's locks: its
+write-back and syncs run after the drain, in worker threads (a sync inside
+the drain held every guest request for up to 70 ms), and only its reopen
+drains again, with nothing left to sync.
 """
 
 from __future__ import annotations
@@ -62,6 +65,20 @@ def _prepare_overlay(node: Node, path: str, mode: str) -> None:
         raise JobError(f"'{path}' does not name '{node.filename}' as its backing file")
 
 
+async def _make_backing_read_only(graph: BlockGraph, node: Node) -> None:
+    """The old root, a backing that nothing writes now: what the guest wrote
+    into it is written back and synced in worker threads while the guest
+    writes to the overlay, then it is reopened read-only in a drain of its
+    own, whose close finds nothing left to sync. A job that took it
+    meanwhile (a commit into it) keeps it as it is."""
+    await sync_outside_drain(graph, node)
+
+    def still_a_free_backing() -> bool:
+        return graph.nodes.get(node.node_name) is node and not node.blockers and graph.backend_of(node) is None
+
+    await graph.reopen_drained(node, False, still_a_free_backing)
+
+
 async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
     """QMP blockdev-snapshot-sync; returns the new active node."""
     root = _device_root(graph, args)
@@ -82,16 +99,10 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
             os.unlink(path)
         raise
     try:
-        if root.writable:
-            await sync_outside_drain(graph, root)  # its reopen read-only then syncs little while guest I/O waits
-            graph.check_not_busy([root])  # a job may have taken it meanwhile
         async with graph.drained():
-            await graph.wait_syncs(root)  # another snapshot's sync of it: its reopen must not close the file under it
             backend = graph.backend_of(root)
             if backend is None or root.blockers:  # changed while draining
                 raise JobError(f"Node '{root.node_name}' changed while the snapshot waited; nothing was done")
-            if root.writable:
-                graph.reopen(root, False)
             with graph.lock.write():
                 attach_backing(overlay, root)
                 graph.nodes[overlay.node_name] = overlay
@@ -103,4 +114,6 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
             if created:
                 os.unlink(path)
         raise
+    if root.writable:
+        await _make_backing_read_only(graph, root)
     return overlay
