@@ -12,10 +12,10 @@ processes, imgchain and qemu-img alternating, --repeat times:
   qemu-img's, and `imgchain commit top.qcow2` (offline, the in-process job)
   against `qemu-img commit` on a fresh copy of the chain each run; and the
   interpreter alone (`python -c pass`), the floor under every imgchain figure.
-  These run the development install (`make setup`: editable, whose import
-  hook every interpreter of .venv loads at start), and again, for info and
-  check, a normal install: the project built by pip into a fresh virtual
-  environment that takes the dependencies from .venv through a .pth line.
+  These run the development install (`make setup`: editable, a plain .pth
+  path entry), and again, for info and check, a normal install: the project
+  built by pip into a fresh virtual environment that takes the dependencies
+  from .venv through a .pth line.
 
 Figures are medians of wall-clock and CPU (user + sys) seconds; ratios are
 imgchain / qemu-img, computed run by run and then the median (min-max).
