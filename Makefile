@@ -32,6 +32,9 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	# Builds take setuptools from pip's isolated build environment; the copy venv puts here
+	# only adds a .pth hook (distutils-precedence) to every interpreter's start.
+	$(VENV)/bin/pip uninstall -q -y setuptools
 	$(VENV)/bin/pip install -q --config-settings editable_mode=compat -e '.[test]' \
 		|| $(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
