@@ -11,11 +11,12 @@ processes, imgchain and qemu-img alternating, --repeat times:
 - start-up: `imgchain info` and `imgchain check` of the small image against
   qemu-img's, and `imgchain commit top.qcow2` (offline, the in-process job)
   against `qemu-img commit` on a fresh copy of the chain each run; and the
-  interpreter alone (`python -c pass`), the floor under every imgchain figure.
-  These run the development install (`make setup`: editable, whose import
-  hook every interpreter of .venv loads at start), and again, for info and
-  check, a normal install: the project built by pip into a fresh virtual
-  environment that takes the dependencies from .venv through a .pth line.
+  floors under every imgchain figure: the interpreter alone (`python -c pass`)
+  and the interpreter importing construct and click, which every command loads.
+  These run the development install (`make setup`: editable, a plain .pth
+  path entry), and again, for info and check, a normal install: the project
+  built by pip into a fresh virtual environment that takes the dependencies
+  from .venv through a .pth line.
 
 Figures are medians of wall-clock and CPU (user + sys) seconds; ratios are
 imgchain / qemu-img, computed run by run and then the median (min-max).
@@ -178,13 +179,19 @@ def row(pair: Pair) -> str:
             f"{ratio(cpu)} |")
 
 
-def floor_row(runs: list[Timing]) -> str:
-    return (f"| the interpreter alone (`python -c pass`) | {median_of([t.wall for t in runs])} | | | "
-            f"{median_of([t.cpu for t in runs])} | | |")
+# The floors under every start-up figure: the interpreter, and the interpreter importing the two
+# libraries every command loads (construct parses the header, click the command line).
+FLOORS = {"the interpreter alone (`python -c pass`)": "pass",
+          "the interpreter importing construct and click (`python -c 'import construct, click'`)":
+              "import construct, click"}
 
 
-def report(pairs: list[Pair], floor: list[Timing], args: argparse.Namespace, command: str, machine: str,
-           loads: tuple[str, str]) -> str:
+def floor_row(name: str, runs: list[Timing]) -> str:
+    return f"| {name} | {median_of([t.wall for t in runs])} | | | {median_of([t.cpu for t in runs])} | | |"
+
+
+def report(pairs: list[Pair], floors: dict[str, list[Timing]], args: argparse.Namespace, command: str,
+           machine: str, loads: tuple[str, str]) -> str:
     return "\n".join([
         f"### {SECTION}", "",
         f"Measured {machine}. Load average at start {loads[0]}, at end {loads[1]}.", "",
@@ -195,7 +202,7 @@ def report(pairs: list[Pair], floor: list[Timing], args: argparse.Namespace, com
         f"exactly what `qemu-img check` printed (human and JSON, same exit code) on every image measured. "
         f"Medians of {args.repeat} runs (check) and {args.startup_repeat} runs (start-up), the two tools "
         f"alternating; ratios are imgchain / qemu-img run by run, then the median (min-max).", "",
-        TABLE_HEAD, *(row(p) for p in pairs), floor_row(floor), "",
+        TABLE_HEAD, *(row(p) for p in pairs), *(floor_row(n, runs) for n, runs in floors.items()), "",
         "Command:", "", "```sh", command, "```",
     ])
 
@@ -237,8 +244,9 @@ def main() -> None:
         for pair in startup:
             log(f"timing {pair.name}")
             measure(pair, work, args.startup_repeat)
-        floor = [timed([sys.executable, "-c", "pass"], work) for _ in range(args.startup_repeat)]
-    body = report(pairs + startup, floor, args, command, machine, (load_start, loadavg()))
+        floors = {name: [timed([sys.executable, "-c", code], work) for _ in range(args.startup_repeat)]
+                  for name, code in FLOORS.items()}
+    body = report(pairs + startup, floors, args, command, machine, (load_start, loadavg()))
     print(body)
     if args.out:
         write_out(args.out, body, SECTION, MARK)

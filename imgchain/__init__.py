@@ -5,6 +5,16 @@ through a chain with copy-on-write, and the offline image tools. It never
 imports pyfuse3 or click; the FUSE export and the command line sit on top.
 """
 
+import os
+
+# In the source tree the subpackages formats/, fuse/ and cli/ sit beside this folder, not in it
+# (pyproject.toml's package-dir puts them inside the package when a wheel is built). The
+# development install (`make setup`: editable, compat mode) only puts the tree's root on sys.path,
+# a plain path entry with no import hook to load at every start; so the root joins this package's
+# path, where `imgchain.formats` & co. are found. A wheel has them inside and skips this.
+if not os.path.isdir(os.path.join(__path__[0], "formats")):
+    __path__.append(os.path.dirname(__path__[0]))
+
 from .chain import Chain, open_chain
 from .errors import BackingError, ImageIOError, ImgchainError
 from .formats import FormatError
