@@ -12,13 +12,28 @@ somebody else's sync already provides need not be paid again.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from typing import Callable
 
 from .locks import Perms, apply_locks
 
 IOV_MAX = 1024  # buffers one pwritev call takes (Linux's UIO_MAXIOV)
 _ZEROS = memoryview(bytes(1 << 20))
+
+
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int]:
+    """libc's sync_file_range (the os module has none), loaded when first used."""
+    import ctypes
+    call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call  # type: ignore[no-any-return]
 
 
 def zero_fill(view: memoryview) -> None:
@@ -105,6 +120,14 @@ class BlockFile:
         os.fdatasync(self.fd)
         with self._sync_count:
             self._durable = max(self._durable, number)
+
+    def start_write_out(self) -> None:
+        """Ask the kernel to start writing the file's dirty pages to disk,
+        without waiting for the disk and without making anything durable
+        (sync_file_range with SYNC_FILE_RANGE_WRITE: no journal commit, no
+        barrier): a later flush finds less to write. Advice only: errors
+        are left to that flush."""
+        _sync_file_range()(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
     def sync_mark(self) -> int:
         """A moment: syncs that start from now on have this number or more."""

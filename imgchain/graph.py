@@ -285,10 +285,21 @@ class BlockGraph:
         closing the descriptor under a running fdatasync keeps the file's
         image locks held until it returns (the reopen's new locks would
         then be refused and the node left without a file)."""
+        with self._sync_in_flight(node), self._devices_during_sync():
+            await self.aio.run_in_thread(node.sync_file)
+
+    async def write_out_off_loop(self, node: Node) -> None:
+        """Start the write-out of `node`'s dirty pages in a worker thread
+        (`BlockFile.start_write_out`), counted as a sync in flight on the
+        node, as in sync_off_loop: a reopen waits for it."""
+        with self._sync_in_flight(node):
+            await self.aio.run_in_thread(node.start_write_out)
+
+    @contextmanager
+    def _sync_in_flight(self, node: Node) -> Iterator[None]:
         self._syncing[node] = self._syncing.get(node, 0) + 1
         try:
-            with self._devices_during_sync():
-                await self.aio.run_in_thread(node.sync_file)
+            yield
         finally:
             self._syncing[node] -= 1
             if not self._syncing[node]:

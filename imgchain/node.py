@@ -253,5 +253,11 @@ class Node:
         if self.writable:
             self.driver.file.flush()  # type: ignore[attr-defined]
 
+    def start_write_out(self) -> None:
+        """Start writing the file's dirty pages out (no wait, nothing made
+        durable; `BlockFile.start_write_out`), in a worker thread."""
+        if self.writable:
+            self.driver.file.start_write_out()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         self.driver.close()

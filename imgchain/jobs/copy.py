@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from imgchain.graph import BlockGraph
     from imgchain.node import Node
 
+    from .manager import JobManager
+
 CHUNK = 1 << 20  # bytes per step: large enough to run at disk speed, small enough to pause promptly
+WRITE_OUT_STEP = 16 << 20  # bytes a job copies between two early write-outs of its target
 
 
 def allocated_above(top: "Node", base: "Node | None", offset: int, length: int) -> list[tuple[int, int]]:
@@ -118,6 +121,36 @@ async def sync_outside_drain(graph: "BlockGraph", node: "Node") -> None:
     await graph.sync_off_loop(node)
 
 
+class EarlyWriteOut:
+    """The kernel's write-out of a job's target, started as the job copies:
+    every WRITE_OUT_STEP bytes, a task beside the job has a worker thread
+    ask the kernel to start writing the target's dirty pages (one at a time;
+    `BlockGraph.write_out_off_loop`). A job's copies are synchronous writes
+    into the page cache, which the kernel keeps dirty for 30 s, so the
+    fdatasync at READY or before the graph change wrote all of them, a
+    third of an active commit's time to READY; QEMU's mirror overlaps the
+    disk with several copies in flight. Nothing is made durable by it, and
+    without a loop to run tasks on (the CLI's offline jobs) it does nothing."""
+
+    def __init__(self, manager: "JobManager", node: "Node") -> None:
+        self.manager = manager
+        self.node = node
+        self._since = 0  # bytes copied since the last write-out started
+        self._running = False
+
+    def copied(self, length: int) -> None:
+        self._since += length
+        if self._since >= WRITE_OUT_STEP and not self._running and self.manager.spawn(self._write_out):
+            self._since = 0
+            self._running = True
+
+    async def _write_out(self) -> None:
+        try:
+            await self.manager.graph.write_out_off_loop(self.node)
+        finally:
+            self._running = False
+
+
 class CopyJob(Job):
     """A job that copies ranges chunk by chunk (stream, intermediate commit)."""
 
@@ -130,6 +163,7 @@ class CopyJob(Job):
 
     async def run(self) -> None:
         self.length = self.source_size()
+        self.write_out = EarlyWriteOut(self.manager, self.target_node())
         await self.before_copy()
         offset = copied = 0
         while offset < self.length:
@@ -168,6 +202,7 @@ class CopyJob(Job):
         await self.injected(target, "write", offset, length)
         await wait_for_allocations(target, offset, length)  # a guest copy-on-write there ends first
         written = self.write_range(offset, data)
+        self.write_out.copied(written)
         if written:
             for backend in self.manager.graph.backends:
                 backend.invalidate_map()  # a node its maps resolve through has changed

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from imgchain.blkdebug import BlkDebug
 from imgchain.graph import BlockGraph
@@ -59,6 +59,14 @@ class JobManager:
         else:
             self._nursery.start_soon(job.lifecycle)
         return job
+
+    def spawn(self, task: Callable[[], Awaitable[None]]) -> bool:
+        """Run `task` beside the jobs, on the daemon's loop; False when
+        nothing serves (the CLI's synchronous loop runs only its jobs)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(task)
+        return True
 
     def take_pending(self) -> list[Job]:
         """The jobs started while nothing serves, for a caller that runs

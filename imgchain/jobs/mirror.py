@@ -26,7 +26,7 @@ from imgchain.backend import BlockBackend
 from imgchain.graph import GraphError
 from imgchain.node import Node, wait_for_allocations
 
-from .copy import CHUNK, BounceBuffer, allocated_above, is_zero, sync_outside_drain
+from .copy import CHUNK, BounceBuffer, EarlyWriteOut, allocated_above, is_zero, sync_outside_drain
 from .job import Job, JobError
 from .manager import JobManager
 
@@ -84,6 +84,7 @@ class ActiveCommitJob(Job):
         self.should_complete = False
         self.soft_cancelled = False
         self.buffer = BounceBuffer()
+        self.write_out = EarlyWriteOut(manager, base)
 
     # -- verbs ----------------------------------------------------------------
 
@@ -180,6 +181,7 @@ class ActiveCommitJob(Job):
             self.base.write_zeroes(offset, length)
         else:
             self.base.write(offset, data)
+            self.write_out.copied(length)
 
     # -- completion -------------------------------------------------------------
 
