@@ -15,6 +15,7 @@ own, keeps its order and loses nothing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterator
 
 from imgchain.chain import open_image
 
@@ -63,18 +64,25 @@ def test_write_back_runs_the_same_steps_with_its_own_barriers(tmp_path: Path) ->
     assert qemu_img("check", image).returncode == 0
 
 
-def fresh_node(tmp_path: Path) -> tuple[Path, object]:
+def fresh_node(tmp_path: Path) -> tuple[Path, Any]:
     image = tmp_path / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "64M", check=True)
     return image, open_image(str(image), writable=True)
 
 
+def stopped_at_first_barrier(node: Any) -> Iterator[None]:
+    """A new cluster of 0x5a at 1 MiB, and a write-back of it stopped at the
+    barrier after the data (its tables taken, nothing written yet)."""
+    node.write(MIB, b"\x5a" * 65536)
+    steps = node.write_back_steps()
+    next(steps)
+    return steps
+
+
 def test_an_entry_written_between_the_steps_waits_for_the_next_write_back(tmp_path: Path) -> None:
     image, node = fresh_node(tmp_path)
     try:
-        node.write(MIB, b"\x5a" * 65536)
-        steps = node.write_back_steps()
-        next(steps)  # stopped at the barrier after the data; the tables are taken
+        steps = stopped_at_first_barrier(node)
         node.write(2 * MIB, b"\xa5" * 65536)  # same L2 table, a new entry, its data not synced
         node.sync_file()
         for _ in steps:
@@ -91,9 +99,7 @@ def test_an_entry_written_between_the_steps_waits_for_the_next_write_back(tmp_pa
 def test_reads_find_the_tables_a_write_back_took_when_the_cache_lets_them_go(tmp_path: Path) -> None:
     image, node = fresh_node(tmp_path)
     try:
-        node.write(MIB, b"\x5a" * 65536)
-        steps = node.write_back_steps()
-        next(steps)
+        steps = stopped_at_first_barrier(node)
         node.driver.l2_cache.invalidate()  # the pool drops every table: the file has none of them yet
         assert node.read(MIB, 65536) == b"\x5a" * 65536
         for _ in steps:
@@ -107,9 +113,7 @@ def test_reads_find_the_tables_a_write_back_took_when_the_cache_lets_them_go(tmp
 def test_a_write_back_given_up_at_a_barrier_is_finished_by_the_next(tmp_path: Path) -> None:
     image, node = fresh_node(tmp_path)
     try:
-        node.write(MIB, b"\x5a" * 65536)
-        steps = node.write_back_steps()
-        next(steps)
+        steps = stopped_at_first_barrier(node)
         steps.close()  # its caller was cancelled while the barrier's sync ran
         assert not reads_back(image, 0x5a)
         node.write_back()  # nothing new is pending: it finishes the one given up
@@ -123,9 +127,7 @@ def test_a_step_resumed_without_a_sync_since_its_barrier_syncs_itself(tmp_path: 
     image, node = fresh_node(tmp_path)
     file = node.driver.file
     try:
-        node.write(MIB, b"\x5a" * 65536)
-        first = node.write_back_steps()
-        next(first)  # its caller's sync has not even started
+        first = stopped_at_first_barrier(node)  # its caller's sync has not even started
         before = file.sync_mark()
         second = node.write_back_steps()
         stops = 0
