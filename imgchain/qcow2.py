@@ -181,6 +181,8 @@ class Qcow2Driver:
         self.refcounts: RefcountManager | None = None
         self.pending = PendingMetadata()
         self._writing_back: Iterator[None] | None = None  # a write-back stopped at a barrier
+        # write-backs taken so far, and finished (in the order taken)
+        self._taken = self._finished = 0
         self.ordered = True  # issue barriers between dependent writes
         # Where metadata lives; None when read-only. Set when the image is
         # found corrupt while writing: then every further write fails.
@@ -593,12 +595,16 @@ class Qcow2Driver:
         without a sync that started after its yield syncs the file itself,
         so the order holds whoever resumes it. Write-backs of one image run
         one after the other: one started while another waits at a barrier
-        first finishes that one (its older tables must not land last)."""
-        if self._writing_back is not None:
+        first finishes that one (its older tables must not land last). It
+        ends only once the write-back that took what was pending at its start
+        has finished, whoever took it (another caller may, while this one
+        waits at a barrier of an older one)."""
+        goal = self._taken + bool(self.pending)
+        while self._finished < goal:
+            if self._writing_back is None:
+                self._writing_back = self._write_back(self.pending.take(self.l1))
+                self._taken += 1
             yield from self._resume(self._writing_back)
-        if self.pending:
-            steps = self._writing_back = self._write_back(self.pending.take(self.l1))
-            yield from self._resume(steps)
 
     def _resume(self, steps: Iterator[None]) -> Iterator[None]:
         # A loop, not `yield from`: a caller that gives up (cancelled at a
@@ -607,6 +613,7 @@ class Qcow2Driver:
             yield
         if self._writing_back is steps:
             self._writing_back = None
+            self._finished += 1
 
     def _write_back(self, work: WriteBack) -> Iterator[None]:
         try:

@@ -141,3 +141,24 @@ def test_a_step_resumed_without_a_sync_since_its_barrier_syncs_itself(tmp_path: 
         assert reads_back(image, 0x5a)
     finally:
         node.close()
+
+
+def test_a_write_back_returns_only_once_what_was_pending_at_its_start_is_written(tmp_path: Path) -> None:
+    image, node = fresh_node(tmp_path)
+    try:
+        first = stopped_at_first_barrier(node)  # a flush waiting for its barrier's sync
+        node.write(2 * MIB, b"\xa5" * 65536)  # then a guest write, and a guest flush
+        flush = node.write_back_steps()
+        next(flush)  # it resumes `first`: past its barrier, at the next (its sync runs in a thread)
+        other = node.write_back_steps()  # a third flush finishes `first` and takes the entry at 2M
+        next(other)
+        for _ in flush:
+            node.sync_file()
+        node.sync_file()  # the flush's last sync: it returns to the guest
+        assert reads_back(image, 0xa5, "2M")  # what the guest wrote before it is in the file
+        for _ in other:
+            node.sync_file()
+        assert list(first) == []
+    finally:
+        node.close()
+    assert qemu_img("check", image).returncode == 0
