@@ -30,7 +30,7 @@ from imgchain.jobs.manager import JobManager
 from imgchain.jobs.snapshot import snapshot_sync
 from imgchain.jobs.stream import create_stream
 
-from .conftest import qemu_img
+from .conftest import qemu_img, qemu_io
 from .test_jobs_concurrent import MIB, build_p9
 
 
@@ -490,3 +490,43 @@ async def test_the_pivot_is_told_only_once_base_is_durable_and_a_flush_waits_for
     s.close()
     proc = qemu_img("check", chain / "img-6.qcow2")
     assert proc.returncode == 0, proc.stdout
+
+
+async def test_a_guest_flush_after_a_snapshot_covers_what_it_wrote_into_the_old_root(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot moves the device first and writes the old root's metadata
+    back after the drain, its syncs in worker threads. A guest flush after
+    the move syncs the overlay, its root; it returns only once what the guest
+    wrote into the old root before the snapshot is in that file too (a kill
+    -9 would otherwise lose a write the guest had flushed)."""
+    s = Setup(chain, [])
+    img8 = s.node("img-8")
+    gates: list[trio.Event] = []
+
+    async def old_root_syncs_held(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__self__", None) is img8:  # the old root's syncs wait for the test
+            gate = trio.Event()
+            gates.append(gate)
+            await gate.wait()
+        return fn(*args)
+
+    await s.backend.write(14 * MIB, b"\x5d" * 4096)  # a new cluster in img-8: its L2 entry pending
+    monkeypatch.setattr(trio.to_thread, "run_sync", old_root_syncs_held)
+    in_file_when_flushed: list[bool] = []
+
+    async def guest_flush() -> None:
+        await s.backend.flush()
+        proc = qemu_io(chain / "img-8.qcow2", "read -P 0x5d 14M 4k", extra=("-U", "-r"))
+        in_file_when_flushed.append("Pattern verification failed" not in proc.stdout and proc.returncode == 0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snapshot_sync, s.graph, {"device": "drive0", "snapshot-file": str(chain / "snap.qcow2")})
+        await wait_all_tasks_blocked()
+        assert s.backend.root.node_name == "snap" and gates  # moved; the old root's sync held
+        nursery.start_soon(guest_flush)
+        await wait_all_tasks_blocked()
+        while gates:
+            gates.pop(0).set()
+            await wait_all_tasks_blocked()
+    assert in_file_when_flushed == [True]
+    s.close()

@@ -98,22 +98,25 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> Node:
         if created:
             os.unlink(path)
         raise
-    try:
-        async with graph.drained():
-            backend = graph.backend_of(root)
-            if backend is None or root.blockers:  # changed while draining
-                raise JobError(f"Node '{root.node_name}' changed while the snapshot waited; nothing was done")
-            with graph.lock.write():
-                attach_backing(overlay, root)
-                graph.nodes[overlay.node_name] = overlay
-                backend.replace_root(overlay)
-        graph.changed()
-    except BaseException:
-        if overlay.node_name not in graph.nodes:
-            overlay.close()
-            if created:
-                os.unlink(path)
-        raise
-    if root.writable:
-        await _make_backing_read_only(graph, root)
+    # The listeners (the mount record) hear of the overlay, and a guest flush
+    # returns, only once what the guest wrote into the old root is durable.
+    with graph.changes_held():
+        try:
+            async with graph.drained():
+                backend = graph.backend_of(root)
+                if backend is None or root.blockers:  # changed while draining
+                    raise JobError(f"Node '{root.node_name}' changed while the snapshot waited; nothing was done")
+                with graph.lock.write():
+                    attach_backing(overlay, root)
+                    graph.nodes[overlay.node_name] = overlay
+                    backend.replace_root(overlay)
+            graph.changed()
+        except BaseException:
+            if overlay.node_name not in graph.nodes:
+                overlay.close()
+                if created:
+                    os.unlink(path)
+            raise
+        if root.writable:
+            await _make_backing_read_only(graph, root)
     return overlay
