@@ -11,6 +11,8 @@ request may fail or see a wrong byte.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -529,4 +531,40 @@ async def test_a_guest_flush_after_a_snapshot_covers_what_it_wrote_into_the_old_
             gates.pop(0).set()
             await wait_all_tasks_blocked()
     assert in_file_when_flushed == [True]
+    s.close()
+
+
+async def test_an_io_error_syncing_base_after_the_pivot_ends_that_job_and_the_daemon_goes_on(
+        chain: Path, autojump_clock: Any) -> None:
+    """Base is synced after the pivot's drain; when its fdatasync fails (EIO,
+    every time: a dead disk) the job ends with the error, and its abort's
+    flush of base failing too does not take the job manager down: the
+    device and a later job go on."""
+    s = Setup(chain, [])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
+        await until(lambda: job.status == "ready")
+        base = s.node("img-6")
+        real_flush = base.driver.file.flush
+
+        def failing_once_pivoted() -> None:
+            if s.backend.root is base:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_flush()
+
+        base.driver.file.flush = failing_once_pivoted
+        job.complete()
+        with trio.fail_after(60):
+            await job.done.wait()
+        assert job.error == "Input/output error"
+        base.driver.file.flush = real_flush
+        assert bytes(await s.backend.read(0, 4096)) == b"\xff" * 4096  # the device goes on
+        later = await create_commit(s.manager, {"device": "drive0", "top-node": "img-3", "base-node": "img-1"})
+        with trio.fail_after(60):
+            await later.done.wait()
+        nursery.cancel_scope.cancel()
+    assert later.error is None
+    completed = [d for name, d in s.events if name == "BLOCK_JOB_COMPLETED"]
+    assert completed[0]["error"] == "Input/output error" and "error" not in completed[1]
     s.close()

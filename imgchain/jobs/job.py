@@ -352,6 +352,8 @@ class Job:
         self.error = failure or ("Operation canceled" if self.cancelled else None)
         try:
             await self.abort()
+        except IO_ERRORS as exc:  # its flush of the target failing too: the job ends with it, the daemon goes on
+            failure = self.error = failure or error_text(exc)
         finally:
             await self._clean()
         if failure is not None:
