@@ -616,18 +616,28 @@ class Qcow2Driver:
             self._finished += 1
 
     def _write_back(self, work: WriteBack) -> Iterator[None]:
+        # A step that fails (EIO) leaves what is not written yet pending
+        # again, as QEMU's cache keeps a table dirty whose write failed.
         try:
             yield from self._barrier_due()  # data and COW before the L2 entries that point to them
             for at, entries in work.l2:
                 self.file.pwrite(at, entries)
+        except BaseException:
+            self.pending.give_back(work, tables=True)
+            raise
         finally:
             self.pending.landed(work)
-        if work.l1:
-            yield from self._barrier_due()  # new L2 tables before the L1 entries that point to them
-            for i, entry in work.l1:
-                self.file.pwrite(self.header.l1_table_offset + 8 * i, encode_u64(entry))
+        try:
+            if work.l1:
+                yield from self._barrier_due()  # new L2 tables before the L1 entries that point to them
+                for i, entry in work.l1:
+                    self.file.pwrite(self.header.l1_table_offset + 8 * i, encode_u64(entry))
+            if work.unlinked:
+                yield from self._barrier_due()  # unlink before free
+        except BaseException:
+            self.pending.give_back(work, tables=False)
+            raise
         if work.unlinked:
-            yield from self._barrier_due()  # unlink before free
             self._drop_clusters(work.unlinked)
 
     def _barrier_due(self) -> Iterator[None]:

@@ -82,6 +82,17 @@ class PendingMetadata:
         self.l2, self.l1, self.unlinked = {}, set(), []
         return work
 
+    def give_back(self, work: WriteBack, tables: bool) -> None:
+        """A write-back failed: what it took and has not written is pending
+        again (its `tables` too, if their write had not completed; the L1
+        entries as they are now, which point at the same tables or newer)."""
+        if tables:
+            for offset in work.tables:
+                table = self.in_flight[offset][0]
+                self.mark_l2(offset, table, 0, len(table) - 1)
+        self.l1.update(i for i, _ in work.l1)
+        self.unlinked.extend(work.unlinked)
+
     def landed(self, work: WriteBack) -> None:
         """`work`'s tables are in the file (the cache may drop them now)."""
         for offset in work.tables:

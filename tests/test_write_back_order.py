@@ -162,3 +162,31 @@ def test_a_write_back_returns_only_once_what_was_pending_at_its_start_is_written
     finally:
         node.close()
     assert qemu_img("check", image).returncode == 0
+
+
+def test_a_write_back_that_fails_leaves_what_it_took_pending(tmp_path: Path) -> None:
+    image, node = fresh_node(tmp_path)
+    file = node.driver.file
+    try:
+        steps = stopped_at_first_barrier(node)
+        steps.close()  # its caller gave up at the barrier, with nothing synced since
+        real_flush = file.flush
+
+        def failing_flush() -> None:
+            file.flush = real_flush
+            raise OSError(5, "Input/output error")
+
+        file.flush = failing_flush  # the sync the next write-back's first step runs fails (EIO)
+        try:
+            node.write_back()
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the write-back's failed sync was not reported")
+        assert not reads_back(image, 0x5a)
+        node.write_back()  # a later flush writes what the failed one had taken
+        node.sync_file()
+        assert reads_back(image, 0x5a)
+    finally:
+        node.close()
+    assert qemu_img("check", image).returncode == 0
