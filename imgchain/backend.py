@@ -619,6 +619,9 @@ class BlockBackend:
             finally:
                 self.syncs_running -= 1
         await self.changes_told()  # after a pivot: durable in the chain the mount record names
+        if self.root.driver.file.sync_failed:  # type: ignore[attr-defined]
+            # the pivot's sync of base failed while this flush waited for it
+            raise OSError(errno.EIO, f"{self.root.filename}: an earlier sync failed; data may be lost")
 
     # -- drain ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ somebody else's sync already provides need not be paid again.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import threading
@@ -54,6 +55,7 @@ class BlockFile:
         # syncs started so far, and the highest start number of a completed one
         self._syncs_started, self._durable = 0, -1
         self._sync_count = threading.Lock()
+        self.sync_failed = False  # Invariant: set once an fdatasync failed (see flush)
         if lock is not None:
             try:
                 apply_locks(self.fd, path, lock)
@@ -114,10 +116,21 @@ class BlockFile:
         os.ftruncate(self.fd, size)
 
     def flush(self) -> None:
+        """fdatasync. Once one has failed, every later flush of this file
+        fails too (`sync_failed`): Linux reports a failed write-back to one
+        fdatasync only and may have dropped the pages, so a later one that
+        succeeds proves nothing (QEMU's file-posix does the same)."""
+        if self.sync_failed:
+            raise OSError(errno.EIO, f"an earlier sync of {self.path} failed: its data may be lost")
         with self._sync_count:
             number = self._syncs_started
             self._syncs_started += 1
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.EINVAL):
+                self.sync_failed = True
+            raise
         with self._sync_count:
             self._durable = max(self._durable, number)
 

@@ -111,15 +111,18 @@ class Daemon:
     def stop_jobs(self) -> None:
         """Before the daemon exits: every live job is cancelled; one that is
         interrupted later still leaves its chain consistent (a job changes
-        the graph only in prepare, with no await between its steps)."""
+        the graph only in prepare, in one drained step with no await in it;
+        a pivot's or a snapshot's syncs after that step only make durable
+        what `close` writes back and syncs anyway)."""
         self.jobs.cancel_all()
 
     # -- teardown ---------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the active image and close every node (releasing the locks).
-        Jobs stopped at an await leave their chains as they were: they change
-        the graph only in prepare, which never awaits between its steps."""
+        """Flush the active image and close every node (releasing the locks;
+        each close writes back and syncs its node). Jobs stopped at an await
+        leave their chains consistent: they change the graph only in one
+        drained step of prepare, with no await in it."""
         try:
             if not self.read_only:
                 self.backend.root.flush()

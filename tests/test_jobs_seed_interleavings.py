@@ -568,3 +568,67 @@ async def test_an_io_error_syncing_base_after_the_pivot_ends_that_job_and_the_da
     completed = [d for name, d in s.events if name == "BLOCK_JOB_COMPLETED"]
     assert completed[0]["error"] == "Input/output error" and "error" not in completed[1]
     s.close()
+
+
+async def test_a_guest_flush_waiting_for_the_pivot_fails_when_base_does_not_sync(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest flush after the pivot syncs base itself, then waits for the
+    pivot's sync of base; when that one fails (the disk's EIO, simulated:
+    Linux reports it to one fdatasync only), the flush fails too instead of
+    saying that what the pivot moved into base is durable."""
+    gates: list[trio.Event] = []
+    real_fdatasync = os.fdatasync
+    failing: list[int] = []
+
+    async def held_syncs(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "") == "sync_file":
+            gate = trio.Event()
+            gates.append(gate)
+            await gate.wait()
+        return fn(*args)
+
+    def fdatasync(fd: int) -> None:
+        if fd in failing:
+            failing.remove(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    s = Setup(chain, [])
+    base = s.node("img-6")
+    outcome: list[object] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
+        await until(lambda: job.status == "ready")
+        monkeypatch.setattr(trio.to_thread, "run_sync", held_syncs)
+        job.complete()
+        await wait_all_tasks_blocked()
+        assert s.backend.root is base and len(gates) == 1  # pivoted; the job's first sync of base held
+        await s.backend.write(2 * MIB, b"\x6b" * 4096)
+
+        async def guest_flush() -> None:
+            try:
+                await s.backend.flush()
+                outcome.append("flushed")
+            except OSError as exc:
+                outcome.append(exc)
+
+        nursery.start_soon(guest_flush)
+        await wait_all_tasks_blocked()
+        while len(gates) > 1 and not gates[-1].is_set():  # the flush's own syncs succeed
+            for gate in gates[1:]:
+                gate.set()
+            await wait_all_tasks_blocked()
+        assert not outcome  # it waits for the pivot's sync
+        failing.append(base.driver.file.fd)  # which fails
+        while not job.done.is_set():
+            for gate in gates:
+                gate.set()
+            await wait_all_tasks_blocked()
+        await until(lambda: bool(outcome))
+        nursery.cancel_scope.cancel()
+    assert job.error == "Input/output error"
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.EIO
+    base.driver.file.sync_failed = False  # let the test close the images
+    s.close()

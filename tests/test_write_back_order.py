@@ -14,8 +14,12 @@ own, keeps its order and loses nothing.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any, Iterator
+
+import pytest
 
 from imgchain.chain import open_image
 
@@ -190,3 +194,35 @@ def test_a_write_back_that_fails_leaves_what_it_took_pending(tmp_path: Path) -> 
     finally:
         node.close()
     assert qemu_img("check", image).returncode == 0
+
+
+def test_once_a_sync_failed_every_later_flush_of_the_file_fails(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux reports a failed write-back to one fdatasync and may drop the
+    pages: a later fdatasync that succeeds proves nothing, so every later
+    flush of the file fails (the disk's EIO is simulated: fdatasync fails
+    once, as the kernel reports it)."""
+    image, node = fresh_node(tmp_path)
+    file = node.driver.file
+    real = os.fdatasync
+    failures = [file.fd]
+
+    def fdatasync(fd: int) -> None:
+        if fd in failures:
+            failures.remove(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        node.write(MIB, b"\x5a" * 65536)
+        with pytest.raises(OSError) as first:
+            node.flush()
+        assert first.value.errno == errno.EIO and file.sync_failed
+        with pytest.raises(OSError) as later:  # the kernel's fdatasync would succeed now
+            node.flush()
+        assert later.value.errno == errno.EIO and "earlier sync" in str(later.value)
+    finally:
+        monkeypatch.undo()
+        file.sync_failed = False  # let the test close the image
+        node.close()

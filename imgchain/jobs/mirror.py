@@ -198,8 +198,8 @@ class ActiveCommitJob(Job):
         kill -9 before it leaves the record naming top, where everything
         the guest flushed before the pivot is durable."""
         graph = self.manager.graph
+        await self._copy_dirty_down_to(PIVOT_BACKLOG)  # (guest flushes need not wait for this)
         with graph.changes_held():
-            await self._copy_dirty_down_to(PIVOT_BACKLOG)
             async with graph.drained():
                 await self._copy_dirty_down_to(0)  # nothing new arrives while drained
                 self._stop_tracking()
