@@ -36,6 +36,23 @@ def qemu_io(image: str | os.PathLike[str], *commands: str, fmt: str | None = Non
     return subprocess.run([*argv, str(image)], capture_output=True, text=True)
 
 
+def fdatasync_failing_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A disk's EIO on fdatasync, as Linux reports a lost write-back: once.
+    Returns a list: the next fdatasync of each file descriptor put in it fails."""
+    import errno
+    real = os.fdatasync
+    failing: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        if fd in failing:
+            failing.remove(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return failing
+
+
 def assert_qemu_clean(*images: str | os.PathLike[str]) -> None:
     """qemu-img check exits 0 with "No errors" on every qcow2 image given."""
     for image in images:

@@ -32,7 +32,7 @@ from imgchain.jobs.manager import JobManager
 from imgchain.jobs.snapshot import snapshot_sync
 from imgchain.jobs.stream import create_stream
 
-from .conftest import qemu_img, qemu_io
+from .conftest import fdatasync_failing_once, qemu_img, qemu_io
 from .test_jobs_concurrent import MIB, build_p9
 
 
@@ -89,6 +89,31 @@ def slow_read(offset: int = 0) -> Rule:
 async def until(predicate: Any) -> None:
     while not predicate():
         await trio.sleep(0.001)
+
+
+def held_syncs(gates: list[trio.Event]) -> Any:
+    """A trio.to_thread.run_sync whose fdatasyncs (`Node.sync_file`) each wait
+    for a gate the test sets (appended to `gates`); other thread work runs inline."""
+    async def run_sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "") == "sync_file":
+            gate = trio.Event()
+            gates.append(gate)
+            await gate.wait()
+        return fn(*args)
+    return run_sync
+
+
+async def pivot_with_syncs_held(s: "Setup", nursery: Any, monkeypatch: pytest.MonkeyPatch,
+                                gates: list[trio.Event]) -> Any:
+    """An active commit of the device into img-6, READY, then completed with
+    every fdatasync held (`held_syncs`): returns the job once nothing else can run."""
+    await nursery.start(s.manager.serve)
+    job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
+    await until(lambda: job.status == "ready")
+    monkeypatch.setattr(trio.to_thread, "run_sync", held_syncs(gates))
+    job.complete()
+    await wait_all_tasks_blocked()
+    return job
 
 
 @pytest.mark.parametrize("repeat", range(12))
@@ -443,13 +468,6 @@ async def test_the_pivot_is_told_only_once_base_is_durable_and_a_flush_waits_for
     any moment leaves the record naming a chain that holds every flushed byte."""
     gates: list[trio.Event] = []
 
-    async def held_syncs(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__name__", "") == "sync_file":  # fdatasyncs wait for the test; other thread work runs inline
-            gate = trio.Event()
-            gates.append(gate)
-            await gate.wait()
-        return fn(*args)
-
     async def release(first: int = 0) -> None:
         for gate in gates[first:]:
             gate.set()
@@ -459,12 +477,7 @@ async def test_the_pivot_is_told_only_once_base_is_durable_and_a_flush_waits_for
     log: list[str] = []
     s.graph.listeners.append(lambda: log.append(f"told {s.backend.root.node_name}"))
     async with trio.open_nursery() as nursery:
-        await nursery.start(s.manager.serve)
-        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
-        await until(lambda: job.status == "ready")
-        monkeypatch.setattr(trio.to_thread, "run_sync", held_syncs)
-        job.complete()
-        await wait_all_tasks_blocked()
+        job = await pivot_with_syncs_held(s, nursery, monkeypatch, gates)
         assert s.backend.root.node_name == "img-6" and gates  # pivoted; base's sync held
         assert "told img-6" not in log and not job.done.is_set()
         await s.backend.write(2 * MIB, b"\x6b" * 4096)  # the guest writes to base meanwhile
@@ -577,33 +590,12 @@ async def test_a_guest_flush_waiting_for_the_pivot_fails_when_base_does_not_sync
     Linux reports it to one fdatasync only), the flush fails too instead of
     saying that what the pivot moved into base is durable."""
     gates: list[trio.Event] = []
-    real_fdatasync = os.fdatasync
-    failing: list[int] = []
-
-    async def held_syncs(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__name__", "") == "sync_file":
-            gate = trio.Event()
-            gates.append(gate)
-            await gate.wait()
-        return fn(*args)
-
-    def fdatasync(fd: int) -> None:
-        if fd in failing:
-            failing.remove(fd)
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    failing = fdatasync_failing_once(monkeypatch)
     s = Setup(chain, [])
     base = s.node("img-6")
     outcome: list[object] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(s.manager.serve)
-        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-6"})
-        await until(lambda: job.status == "ready")
-        monkeypatch.setattr(trio.to_thread, "run_sync", held_syncs)
-        job.complete()
-        await wait_all_tasks_blocked()
+        job = await pivot_with_syncs_held(s, nursery, monkeypatch, gates)
         assert s.backend.root is base and len(gates) == 1  # pivoted; the job's first sync of base held
         await s.backend.write(2 * MIB, b"\x6b" * 4096)
 

@@ -15,7 +15,6 @@ own, keeps its order and loses nothing.
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +22,7 @@ import pytest
 
 from imgchain.chain import open_image
 
-from .conftest import qemu_img, qemu_io
+from .conftest import fdatasync_failing_once, qemu_img, qemu_io
 
 MIB = 1 << 20
 
@@ -204,16 +203,7 @@ def test_once_a_sync_failed_every_later_flush_of_the_file_fails(tmp_path: Path,
     once, as the kernel reports it)."""
     image, node = fresh_node(tmp_path)
     file = node.driver.file
-    real = os.fdatasync
-    failures = [file.fd]
-
-    def fdatasync(fd: int) -> None:
-        if fd in failures:
-            failures.remove(fd)
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    fdatasync_failing_once(monkeypatch).append(file.fd)
     try:
         node.write(MIB, b"\x5a" * 65536)
         with pytest.raises(OSError) as first:
