@@ -624,3 +624,41 @@ async def test_a_guest_flush_waiting_for_the_pivot_fails_when_base_does_not_sync
     assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.EIO
     base.driver.file.sync_failed = False  # let the test close the images
     s.close()
+
+
+async def test_a_job_that_takes_the_old_root_during_a_snapshot_leaves_it_read_only(
+        chain: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot moves the device first and reopens the old root read-only
+    only after syncing it; a job that another client starts on the old root
+    meanwhile (an active commit into it) keeps the snapshot from reopening a
+    node it uses, and makes it read-only itself at its end, as every backing
+    a job wrote into: the old root does not stay a writable backing."""
+    gates: list[trio.Event] = []
+    s = Setup(chain, [])
+    img8 = s.node("img-8")
+    made: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.manager.serve)
+        monkeypatch.setattr(trio.to_thread, "run_sync", held_syncs(gates))
+
+        async def snapshot() -> None:
+            made.append(await snapshot_sync(s.graph, {"device": "drive0", "snapshot-file": str(chain / "a.qcow2")}))
+
+        nursery.start_soon(snapshot)
+        await wait_all_tasks_blocked()
+        assert s.backend.root.node_name == "a" and img8.writable and gates  # moved; the old root's sync held
+        job = await create_commit(s.manager, {"device": "drive0", "base-node": "img-8", "speed": 1024})
+        while not made:
+            for gate in gates:
+                gate.set()
+            await wait_all_tasks_blocked()
+        assert img8.writable  # the job writes into it: the snapshot left it alone
+        job.cancel(force=True)
+        await job.done.wait()
+        nursery.cancel_scope.cancel()
+    assert job.status == "null" or job.status == "concluded"
+    assert not img8.writable and s.backend.root.backing_node is img8
+    s.close()
+    for image in ("a.qcow2", "img-8.qcow2"):
+        proc = qemu_img("check", chain / image)
+        assert proc.returncode == 0, proc.stdout

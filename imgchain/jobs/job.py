@@ -134,7 +134,7 @@ class Job:
         self.nodes: list["Node"] = []  # nodes the job uses (kept open, blocked)
         self.frozen: list = []  # links it froze: thawed before its graph change, or on abort
         self.target: "Node | None" = None  # the node it writes into
-        self.target_was_read_only = False  # reopened read-write for the job: read-only again at the end
+        self.target_read_only_after = False  # a backing, made writable for the job: read-only again at the end
         self.stage = "read"  # the I/O a chunk is doing, for BLOCK_JOB_ERROR's operation
         self._kick = self.aio.event()
         self._not_busy = self.aio.event()
@@ -389,9 +389,10 @@ class Job:
 
     async def clean(self) -> None:
         """Release what the job holds, success or not: the target is made
-        read-only again if the job made it writable and it is a backing still."""
+        read-only again if it was a backing when the job started and it is a
+        backing still."""
         graph, target = self.manager.graph, self.target
-        if target is None or not self.target_was_read_only:
+        if target is None or not self.target_read_only_after:
             return
 
         def still_a_backing() -> bool:  # judged once drained: a pivot may have made it a device's root

@@ -84,7 +84,10 @@ class JobManager:
         self._launching.add(job.id)  # taken (no verb reaches the job before it starts)
         self.graph.block(job, nodes, reason)
         try:
-            job.target_was_read_only = await self.graph.reopen_drained(target, True)
+            made_writable = await self.graph.reopen_drained(target, True)
+            # A backing is read-only outside a job: it goes back to that at the end, even if it
+            # was writable already (a snapshot's old root before the snapshot reopens it)
+            job.target_read_only_after = made_writable or bool(target.parents)
         except BaseException:
             self.graph.unblock(job, nodes)
             self.graph.unfreeze(frozen)
