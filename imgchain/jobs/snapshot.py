@@ -70,7 +70,8 @@ async def _make_backing_read_only(graph: BlockGraph, node: Node) -> None:
     into it is written back and synced in worker threads while the guest
     writes to the overlay, then it is reopened read-only in a drain of its
     own, whose close finds nothing left to sync. A job that took it
-    meanwhile (a commit into it) keeps it as it is."""
+    meanwhile (a commit into it) keeps it writable until the job ends,
+    which then reopens it read-only (`Job.clean`)."""
     await sync_outside_drain(graph, node)
 
     def still_a_free_backing() -> bool:
