@@ -45,7 +45,7 @@ from .errors import ImageIOError
 from .extent import Status
 from .graph import GraphLock
 from .metacache import map_budget
-from .node import Node, wait_for_allocations
+from .node import Node, wait_for_allocations, write_back_off_loop
 from .qcow2 import L2Meta
 
 
@@ -613,9 +613,7 @@ class BlockBackend:
             await self.debug.delay(node, "flush", 0, 0, trio.sleep)
             self.syncs_running += 1
             try:
-                for _ in node.write_back_steps():
-                    await trio.to_thread.run_sync(node.sync_file)
-                await trio.to_thread.run_sync(node.sync_file)
+                await write_back_off_loop(node, lambda: trio.to_thread.run_sync(node.sync_file))
             finally:
                 self.syncs_running -= 1
         await self.changes_told()  # after a pivot: durable in the chain the mount record names

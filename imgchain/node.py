@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Awaitable, Callable, Iterator, Protocol
 
 from .blockfile import zero_fill
 from .errors import ImageIOError
@@ -64,6 +64,15 @@ async def wait_for_allocations(node: "Node", offset: int, length: int) -> None:
     allocation (never one on a node with no device: nothing is in flight)."""
     while (meta := node.allocation_at(offset, length)) is not None:
         await meta.done.wait()  # type: ignore[attr-defined]
+
+
+async def write_back_off_loop(node: "Node", sync: Callable[[], Awaitable[None]]) -> None:
+    """Write `node`'s pending metadata back in its crash-safe steps, each
+    ordering barrier and the final fdatasync done by `sync` (one in a
+    worker thread) while guests may write between the steps."""
+    for _ in node.write_back_steps():
+        await sync()
+    await sync()
 
 
 def attach_backing(parent: "Node", child: "Node") -> Child:

@@ -51,8 +51,9 @@ class PendingMetadata:
     l1: set[int] = field(default_factory=set)
     # L2 entries whose host clusters lose a reference once the new entries are durable.
     unlinked: list[int] = field(default_factory=list)
-    # Tables a write-back took and has not written yet (offset -> table, with a count of takers).
-    in_flight: dict[int, tuple[array, int]] = field(default_factory=dict)
+    # Tables the write-back in progress took and has not written yet (offset -> table; write-backs
+    # of one image run one after the other, and one's tables land before the next takes any).
+    in_flight: dict[int, array] = field(default_factory=dict)
 
     def mark_l2(self, offset: int, table: array, lo: int, hi: int) -> None:
         dirty = self.l2.get(offset)
@@ -65,8 +66,7 @@ class PendingMetadata:
         dirty = self.l2.get(offset)
         if dirty is not None:
             return dirty.table
-        flying = self.in_flight.get(offset)
-        return flying[0] if flying is not None else None
+        return self.in_flight.get(offset)
 
     def __bool__(self) -> bool:
         return bool(self.l2 or self.l1 or self.unlinked)
@@ -76,9 +76,7 @@ class PendingMetadata:
         work = WriteBack(
             [(offset + 8 * d.lo, encode_u64_table(d.table[d.lo:d.hi + 1])) for offset, d in sorted(self.l2.items())],
             [(i, l1[i]) for i in sorted(self.l1)], self.unlinked, sorted(self.l2))
-        for offset, dirty in self.l2.items():
-            _, takers = self.in_flight.get(offset, (dirty.table, 0))
-            self.in_flight[offset] = (dirty.table, takers + 1)
+        self.in_flight.update((offset, dirty.table) for offset, dirty in self.l2.items())
         self.l2, self.l1, self.unlinked = {}, set(), []
         return work
 
@@ -88,7 +86,7 @@ class PendingMetadata:
         entries as they are now, which point at the same tables or newer)."""
         if tables:
             for offset in work.tables:
-                table = self.in_flight[offset][0]
+                table = self.in_flight[offset]
                 self.mark_l2(offset, table, 0, len(table) - 1)
         self.l1.update(i for i, _ in work.l1)
         self.unlinked.extend(work.unlinked)
@@ -96,8 +94,4 @@ class PendingMetadata:
     def landed(self, work: WriteBack) -> None:
         """`work`'s tables are in the file (the cache may drop them now)."""
         for offset in work.tables:
-            table, takers = self.in_flight[offset]
-            if takers > 1:
-                self.in_flight[offset] = (table, takers - 1)
-            else:
-                del self.in_flight[offset]
+            del self.in_flight[offset]

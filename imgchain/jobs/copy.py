@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from imgchain.extent import Status
-from imgchain.node import wait_for_allocations
+from imgchain.node import wait_for_allocations, write_back_off_loop
 
 from .job import Job, JobFailed, error_text
 
@@ -116,9 +116,7 @@ async def sync_outside_drain(graph: "BlockGraph", node: "Node") -> None:
     10-140 ms during a pivot or a snapshot; the write-back's steps stay in
     order with guests writing between them (`Qcow2Driver.write_back_steps`)."""
     await graph.sync_off_loop(node)
-    for _ in node.write_back_steps():
-        await graph.sync_off_loop(node)
-    await graph.sync_off_loop(node)
+    await write_back_off_loop(node, lambda: graph.sync_off_loop(node))
 
 
 class EarlyWriteOut:

@@ -12,10 +12,10 @@ base and becomes READY (BLOCK_JOB_READY); it then keeps base in sync.
 request in flight, none starts), copies what is still dirty and replaces the
 top by base in every parent, the device included (`BlockBackend.replace_root`);
 base is made durable after the drain, before the mount record names it. No
-header is rewritten; the old top and the
-nodes between leave the graph and are closed (their locks released). A
-cancel before READY abandons the job; after READY a cancel without force
-ends COMPLETED with base in sync and no pivot; with force, CANCELLED.
+header is rewritten; the old top and the nodes between leave the graph and
+are closed (their locks released). A cancel before READY abandons the job;
+after READY a cancel without force ends COMPLETED with base in sync and no
+pivot; with force, CANCELLED.
 """
 
 from __future__ import annotations
