@@ -1,5 +1,5 @@
-"""`python -m imgchain.cli` runs the command line."""
+"""`python -m imgchain.cli` runs the command line, as the `imgchain` executable does."""
 
-from .main import main
+from .entry import run
 
-main()
+run()

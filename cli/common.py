@@ -34,6 +34,7 @@ class LazyGroup(click.Group):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy: dict[str, str] = {}
+        self.invoked: str | None = None  # the command this process ran (cli/entry.py asks)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *self.lazy})
@@ -46,8 +47,10 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgchain")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Disk-image backing chains (qcow2 subset and raw): inspect, check, rebase."""
+    ctx.command.invoked = ctx.invoked_subcommand  # type: ignore[attr-defined]
 
 
 def parse_size(text: str) -> int:

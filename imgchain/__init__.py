@@ -15,10 +15,26 @@ import os
 if not os.path.isdir(os.path.join(__path__[0], "formats")):
     __path__.append(os.path.dirname(__path__[0]))
 
-from .chain import Chain, open_chain
-from .errors import BackingError, ImageIOError, ImgchainError
-from .formats import FormatError
-
 __version__ = "0.1.0"
 
-__all__ = ["BackingError", "Chain", "FormatError", "ImageIOError", "ImgchainError", "open_chain"]
+# The public names, each with the module that defines it. They load on first use (PEP 562), so
+# that `import imgchain.cli` (every command) or `imgchain.formats` alone does not pay for the
+# whole core: the command line decides what the standard library defers before construct loads.
+_PUBLIC = {
+    "BackingError": ".errors",
+    "Chain": ".chain",
+    "FormatError": ".formats",
+    "ImageIOError": ".errors",
+    "ImgchainError": ".errors",
+    "open_chain": ".chain",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'imgchain' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)

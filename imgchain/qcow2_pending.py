@@ -46,7 +46,11 @@ class WriteBack:
 
 @dataclass
 class PendingMetadata:
-    # Invariant: every table here (and in in_flight) is also the one the driver reads from.
+    """Metadata changed in memory and not yet written to the image (a qcow2 node's dirty cache).
+
+    Every table here (and in `in_flight`) is also the one the driver reads from.
+    """
+
     l2: dict[int, DirtyTable] = field(default_factory=dict)
     l1: set[int] = field(default_factory=set)
     # L2 entries whose host clusters lose a reference once the new entries are durable.

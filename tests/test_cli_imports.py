@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,87 @@ def test_start_up_loads_no_import_hook_nor_pathlib(overlay: Path) -> None:
         modules = loaded_by(*args)
         assert not {m for m in modules if m.startswith("__editable__")}, args
         assert "pathlib" not in modules, args
+
+
+# -- the executable's own start and end (cli/entry.py) -----------------------------------
+
+IMGCHAIN = str(Path(sys.executable).with_name("imgchain"))
+
+
+def executed_modules(*args: str | Path) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run the real `imgchain` executable; the modules whose code ran (Python's import-time report)."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.run([IMGCHAIN, *map(str, args)], capture_output=True, text=True, env=env)
+    ran = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, ran - {"imported package"}
+
+
+def test_the_executable_defers_what_click_and_construct_import_but_never_use(overlay: Path) -> None:
+    """pdb, pickle, hashlib and traceback (with OpenSSL and the debugger's own imports): a fifth of
+    a small `info`'s start-up. The command still runs them through, on a real image."""
+    for args in (("info", overlay), ("check", overlay), ("map", "--output", "json", overlay)):
+        proc, ran = executed_modules(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert {"construct", "click", f"imgchain.{args[0]}"} <= ran, args
+        assert not ran & {"pdb", "bdb", "pickle", "hashlib", "_hashlib", "traceback"}, (args, ran)
+    assert "virtual size: 4 MiB" in executed_modules("info", overlay)[0].stdout
+
+
+DEFERRED_IN_USE = """
+import sys
+from imgchain.cli.entry import DeferredModule, defer_modules
+defer_modules()
+import construct, hashlib, pickle
+assert isinstance(sys.modules["hashlib"], DeferredModule)
+checked = construct.Checksum(construct.Bytes(32), lambda data: hashlib.sha256(data).digest(), lambda ctx: b"x" * 4)
+assert checked.build(None) == hashlib.sha256(b"xxxx").digest()
+from pickle import dumps, loads
+assert loads(dumps({"a": [1, 2]})) == {"a": [1, 2]}
+import traceback, pdb
+try:
+    1 / 0
+except ZeroDivisionError:
+    assert "ZeroDivisionError" in traceback.format_exc()
+assert issubclass(pdb.Pdb, __import__("bdb").Bdb)
+assert not any(isinstance(sys.modules[n], DeferredModule) for n in ("hashlib", "pickle", "traceback", "pdb"))
+print("deferred modules work")
+"""
+
+
+def test_a_deferred_module_is_the_real_one_once_used() -> None:
+    proc = subprocess.run([sys.executable, "-c", DEFERRED_IN_USE], capture_output=True, text=True)
+    assert proc.stdout == "deferred modules work\n", proc.stderr
+
+
+# The executable's entry, with an exit handler that says whether the interpreter was torn down.
+WITH_EXIT_HANDLER = """
+import atexit, sys
+atexit.register(lambda: print("TORN DOWN", file=sys.stderr))
+from imgchain.cli.entry import run
+sys.argv[0] = "imgchain"
+run()
+"""
+
+
+def run_with_exit_handler(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", WITH_EXIT_HANDLER, *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def test_a_read_only_command_ends_without_teardown_and_keeps_its_output_and_code(tmp_path: Path) -> None:
+    """info, check, map and compare end with os._exit once done; their output (here over 300 KiB
+    through a pipe) and exit codes are whole. A command that writes tears down as ever."""
+    image = tmp_path / "fragmented.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "1G", check=True)
+    # Clusters written from the end backwards: no two extents merge in `map`.
+    qemu_io(image, *(f"write -P {i % 200 + 1} {i * 128}k 64k" for i in range(4000, -1, -1)))
+    proc = run_with_exit_handler("map", "--output", "json", image)
+    assert proc.returncode == 0 and "TORN DOWN" not in proc.stderr, proc.stderr
+    assert len(proc.stdout) > 300 << 10
+    assert proc.stdout == qemu_img("map", "--output=json", image).stdout
+    proc = run_with_exit_handler("compare", image, tmp_path / "missing.qcow2")
+    assert proc.returncode == 2 and "TORN DOWN" not in proc.stderr
+    assert proc.stderr.startswith("imgchain: error: ") and "missing.qcow2" in proc.stderr
+    proc = run_with_exit_handler("create", "-q", "-f", "qcow2", tmp_path / "new.qcow2", "1M")
+    assert proc.returncode == 0 and "TORN DOWN" in proc.stderr, proc.stderr
+    assert "TORN DOWN" in run_with_exit_handler("--version").stderr
