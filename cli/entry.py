@@ -9,8 +9,10 @@ things here cut that, each only in the executable's own process (importing
   and inspect at start-up and use them only for debugging aids, pickling and
   checksums no command of ours asks for. Each is registered as a placeholder
   that imports the real module on first attribute use (`DeferredModule`).
-- No cyclic garbage collection while the modules load: they allocate tens of
-  thousands of objects and free almost none, so the collector only walks them.
+- No cyclic garbage collection while the command line's modules load: they
+  allocate tens of thousands of objects and free almost none, so the collector
+  would only walk them; once loaded they are frozen (`gc.freeze`), out of every
+  later collection's way (they live as long as the process anyway).
 - No interpreter teardown after a read-only offline command (`TEARDOWN_FREE`):
   once the command has returned (files closed, output written), freeing every
   module and object one by one only costs time; the process flushes its output
@@ -75,6 +77,7 @@ def run() -> None:
     try:
         from .main import main
     finally:
+        gc.freeze()
         gc.enable()
     try:
         main()
