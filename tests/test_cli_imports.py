@@ -1,4 +1,4 @@
-"""The command line's modules import one way: main -> images, mount, jobs -> common; snapshot -> jobs.
+"""The command line's modules import one way: entry -> main -> images, mount, jobs -> common; snapshot -> jobs.
 
 And a command loads only what it needs: the offline tools neither pyfuse3 nor
 the job engine (trio), an offline commit not pyfuse3.
@@ -34,6 +34,13 @@ def sibling_imports(path: Path) -> set[str]:
 def test_command_modules_do_not_import_main() -> None:
     for name in ("images.py", "mount.py", "snapshot.py", "common.py"):
         assert "main" not in sibling_imports(CLI / name), name
+
+
+def test_only_python_m_imports_the_executables_entry() -> None:
+    """cli/entry.py changes its own process (deferred modules, no teardown): no module imports it
+    but `python -m imgchain.cli`'s."""
+    for path in CLI.glob("*.py"):
+        assert path.name == "__main__.py" or "entry" not in sibling_imports(path), path.name
 
 
 def test_common_imports_no_command_module() -> None:
