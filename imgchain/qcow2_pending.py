@@ -20,44 +20,51 @@ not have it yet.
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
 
 from imgchain.formats.qcow2_tables import encode_u64_table
 
+# Plain classes with __slots__, not dataclasses: every qcow2 open loads this module, and a
+# dataclass definition costs as much start-up as a hundred lines of code.
 
-@dataclass
+
 class DirtyTable:
     """An L2 table with entries lo..hi (inclusive) not yet written."""
 
-    table: array
-    lo: int
-    hi: int
+    __slots__ = ("table", "lo", "hi")
+
+    def __init__(self, table: array, lo: int, hi: int) -> None:
+        self.table, self.lo, self.hi = table, lo, hi
 
 
-@dataclass
 class WriteBack:
     """What one write-back writes, fixed when it was taken."""
 
-    l2: list[tuple[int, bytes]]  # (file offset, the entries' bytes), in file order
-    l1: list[tuple[int, int]]  # (L1 index, entry)
-    unlinked: list[int]  # L2 entries whose clusters are freed once the new entries are durable
-    tables: list[int]  # the L2 tables' offsets (in flight until written)
+    __slots__ = ("l2", "l1", "unlinked", "tables")
+
+    def __init__(self, l2: list[tuple[int, bytes]], l1: list[tuple[int, int]], unlinked: list[int],
+                 tables: list[int]) -> None:
+        self.l2 = l2  # (file offset, the entries' bytes), in file order
+        self.l1 = l1  # (L1 index, entry)
+        self.unlinked = unlinked  # L2 entries whose clusters are freed once the new entries are durable
+        self.tables = tables  # the L2 tables' offsets (in flight until written)
 
 
-@dataclass
 class PendingMetadata:
     """Metadata changed in memory and not yet written to the image (a qcow2 node's dirty cache).
 
     Every table here (and in `in_flight`) is also the one the driver reads from.
     """
 
-    l2: dict[int, DirtyTable] = field(default_factory=dict)
-    l1: set[int] = field(default_factory=set)
-    # L2 entries whose host clusters lose a reference once the new entries are durable.
-    unlinked: list[int] = field(default_factory=list)
-    # Tables the write-back in progress took and has not written yet (offset -> table; write-backs
-    # of one image run one after the other, and one's tables land before the next takes any).
-    in_flight: dict[int, array] = field(default_factory=dict)
+    __slots__ = ("l2", "l1", "unlinked", "in_flight")
+
+    def __init__(self) -> None:
+        self.l2: dict[int, DirtyTable] = {}
+        self.l1: set[int] = set()
+        # L2 entries whose host clusters lose a reference once the new entries are durable.
+        self.unlinked: list[int] = []
+        # Tables the write-back in progress took and has not written yet (offset -> table; write-backs
+        # of one image run one after the other, and one's tables land before the next takes any).
+        self.in_flight: dict[int, array] = {}
 
     def mark_l2(self, offset: int, table: array, lo: int, hi: int) -> None:
         dirty = self.l2.get(offset)
