@@ -35,8 +35,6 @@ from .manager import JobManager
 if TYPE_CHECKING:
     from .mirror import ActiveCommitJob
 
-REASON = "block device is in use by block job: commit"
-
 
 class CommitJob(CopyJob):
     job_type = "commit"
@@ -187,4 +185,4 @@ async def create_commit(manager: JobManager, args: dict[str, Any]) -> "CommitJob
     options = manager.job_options(args, device)
     job = CommitJob(manager, root, top, base, args.get("backing-file"), **options)
     nodes = [root, *chain[:chain.index(base) + 1]]
-    return await manager.launch(job, graph.freeze(top, base), base, nodes, REASON)  # type: ignore[return-value]
+    return await manager.launch(job, graph.freeze(top, base), base, nodes)  # type: ignore[return-value]

@@ -242,7 +242,6 @@ async def create_active_commit(manager: JobManager, root: Node, base: Node, args
                                walk: list[Node]) -> ActiveCommitJob:
     """block-commit whose top is the device's root (checked by create_commit):
     freeze the chain down to base, reopen base read-write, block the nodes."""
-    from .commit import REASON
     graph = manager.graph
     backend = graph.backend_of(root)
     assert backend is not None
@@ -253,4 +252,4 @@ async def create_active_commit(manager: JobManager, root: Node, base: Node, args
                        f"'{root.filename}' ({root.size} bytes)")
     options = manager.job_options(args, args["device"])
     job = ActiveCommitJob(manager, backend, root, base, **options)
-    return await manager.launch(job, graph.freeze(root, base), base, walk, REASON)  # type: ignore[return-value]
+    return await manager.launch(job, graph.freeze(root, base), base, walk)  # type: ignore[return-value]

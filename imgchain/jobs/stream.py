@@ -29,8 +29,6 @@ from .copy import CopyJob, allocated_above, intersect, is_zero, sync_outside_dra
 from .job import JobError
 from .manager import JobManager
 
-REASON = "block device is in use by block job: stream"
-
 
 class StreamJob(CopyJob):
     job_type = "stream"
@@ -133,4 +131,4 @@ async def create_stream(manager: JobManager, args: dict[str, Any]) -> StreamJob:
     options = manager.job_options(args, device)
     job = StreamJob(manager, top, base, above_base, args.get("backing-file"), **options)
     frozen = graph.freeze(top, above_base) if top is not above_base else []
-    return await manager.launch(job, frozen, top, walk, REASON)  # type: ignore[return-value]
+    return await manager.launch(job, frozen, top, walk)  # type: ignore[return-value]
