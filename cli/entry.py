@@ -5,10 +5,12 @@ the interpreter, not reading the image, and scripts call them in loops. Three
 things here cut that, each only in the executable's own process (importing
 `imgchain.cli.main`, as the tests do, changes nothing):
 
-- Modules deferred: click and construct import pdb, pickle, hashlib, traceback
-  and inspect at start-up and use them only for debugging aids, pickling and
+- Modules deferred: click and construct import pdb, pickle, hashlib and
+  traceback at start-up and use them only for debugging aids, pickling and
   checksums no command of ours asks for. Each is registered as a placeholder
   that imports the real module on first attribute use (`DeferredModule`).
+  (inspect cannot be: click calls `inspect.cleandoc` on every option's help
+  as it builds the option.)
 - No cyclic garbage collection while the command line's modules load: they
   allocate tens of thousands of objects and free almost none, so the collector
   would only walk them; once loaded they are frozen (`gc.freeze`), out of every

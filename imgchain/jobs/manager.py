@@ -77,10 +77,11 @@ class JobManager:
     async def launch(self, job: Job, frozen: list, target: "Node", nodes: list["Node"]) -> Job:
         """Start a job that has frozen the links `frozen`: `nodes` blocked
         (the reason names the job's type, as QEMU's block_job_create words
-        it) and its id taken at once, with no await since the caller's checks (a job created while this one's target reopens must
-        find them busy, or two jobs would change the same nodes), then its
-        target made writable (drained); on failure nothing stays frozen,
-        blocked or taken."""
+        it) and its id taken at once, with no await since the caller's
+        checks (a job created while this one's target reopens must find them
+        busy, or two jobs would change the same nodes), then its target made
+        writable (drained); on failure nothing stays frozen, blocked or
+        taken."""
         self._launching.add(job.id)  # taken (no verb reaches the job before it starts)
         self.graph.block(job, nodes, f"block device is in use by block job: {job.job_type}")
         try:
