@@ -15,6 +15,7 @@ own, keeps its order and loses nothing.
 from __future__ import annotations
 
 import errno
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,11 +34,20 @@ def reads_back(image: Path, pattern: int, at: str = "1M") -> bool:
     return "Pattern verification failed" not in proc.stdout + proc.stderr and proc.returncode == 0
 
 
-def test_write_back_steps_stop_at_each_barrier(tmp_path: Path) -> None:
+@contextmanager
+def node_on(tmp_path: Path) -> Iterator[tuple[Path, Any]]:
+    """A new 64 MiB qcow2 image, opened writable, closed at the end."""
     image = tmp_path / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "64M", check=True)
     node = open_image(str(image), writable=True)
     try:
+        yield image, node
+    finally:
+        node.close()
+
+
+def test_write_back_steps_stop_at_each_barrier(tmp_path: Path) -> None:
+    with node_on(tmp_path) as (image, node):
         node.write(MIB, b"\x5a" * 65536)  # a new cluster in a new L2 table: pending L2 and L1 entries
         steps = node.write_back_steps()
         seen = []
@@ -47,30 +57,17 @@ def test_write_back_steps_stop_at_each_barrier(tmp_path: Path) -> None:
         seen.append(reads_back(image, 0x5a))
         assert seen == [False, False, True], seen  # data; table written, L1 not yet; then the L1 entry
         assert list(node.write_back_steps()) == []  # nothing left pending
-    finally:
-        node.close()
     assert qemu_img("check", image).returncode == 0
     assert reads_back(image, 0x5a)
 
 
 def test_write_back_runs_the_same_steps_with_its_own_barriers(tmp_path: Path) -> None:
-    image = tmp_path / "img.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", image, "64M", check=True)
-    node = open_image(str(image), writable=True)
-    try:
+    with node_on(tmp_path) as (image, node):
         node.write(MIB, b"\x5a" * 65536)
         assert not reads_back(image, 0x5a)
         node.write_back()
         assert reads_back(image, 0x5a)
-    finally:
-        node.close()
     assert qemu_img("check", image).returncode == 0
-
-
-def fresh_node(tmp_path: Path) -> tuple[Path, Any]:
-    image = tmp_path / "img.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", image, "64M", check=True)
-    return image, open_image(str(image), writable=True)
 
 
 def stopped_at_first_barrier(node: Any) -> Iterator[None]:
@@ -83,8 +80,7 @@ def stopped_at_first_barrier(node: Any) -> Iterator[None]:
 
 
 def test_an_entry_written_between_the_steps_waits_for_the_next_write_back(tmp_path: Path) -> None:
-    image, node = fresh_node(tmp_path)
-    try:
+    with node_on(tmp_path) as (image, node):
         steps = stopped_at_first_barrier(node)
         node.write(2 * MIB, b"\xa5" * 65536)  # same L2 table, a new entry, its data not synced
         node.sync_file()
@@ -94,14 +90,11 @@ def test_an_entry_written_between_the_steps_waits_for_the_next_write_back(tmp_pa
         node.write_back()
         node.sync_file()
         assert reads_back(image, 0xa5, "2M")
-    finally:
-        node.close()
     assert qemu_img("check", image).returncode == 0
 
 
 def test_reads_find_the_tables_a_write_back_took_when_the_cache_lets_them_go(tmp_path: Path) -> None:
-    image, node = fresh_node(tmp_path)
-    try:
+    with node_on(tmp_path) as (image, node):
         steps = stopped_at_first_barrier(node)
         node.driver.l2_cache.invalidate()  # the pool drops every table: the file has none of them yet
         assert node.read(MIB, 65536) == b"\x5a" * 65536
@@ -109,27 +102,21 @@ def test_reads_find_the_tables_a_write_back_took_when_the_cache_lets_them_go(tmp
             node.sync_file()
         node.driver.l2_cache.invalidate()
         assert node.read(MIB, 65536) == b"\x5a" * 65536  # written now: the file has it
-    finally:
-        node.close()
 
 
 def test_a_write_back_given_up_at_a_barrier_is_finished_by_the_next(tmp_path: Path) -> None:
-    image, node = fresh_node(tmp_path)
-    try:
+    with node_on(tmp_path) as (image, node):
         steps = stopped_at_first_barrier(node)
         steps.close()  # its caller was cancelled while the barrier's sync ran
         assert not reads_back(image, 0x5a)
         node.write_back()  # nothing new is pending: it finishes the one given up
         assert reads_back(image, 0x5a)
-    finally:
-        node.close()
     assert qemu_img("check", image).returncode == 0
 
 
 def test_a_step_resumed_without_a_sync_since_its_barrier_syncs_itself(tmp_path: Path) -> None:
-    image, node = fresh_node(tmp_path)
-    file = node.driver.file
-    try:
+    with node_on(tmp_path) as (image, node):
+        file = node.driver.file
         first = stopped_at_first_barrier(node)  # its caller's sync has not even started
         before = file.sync_mark()
         second = node.write_back_steps()
@@ -142,13 +129,10 @@ def test_a_step_resumed_without_a_sync_since_its_barrier_syncs_itself(tmp_path: 
         assert file.durable_since(before)  # the step synced the file before writing the tables
         assert list(first) == []  # already finished by `second`
         assert reads_back(image, 0x5a)
-    finally:
-        node.close()
 
 
 def test_a_write_back_returns_only_once_what_was_pending_at_its_start_is_written(tmp_path: Path) -> None:
-    image, node = fresh_node(tmp_path)
-    try:
+    with node_on(tmp_path) as (image, node):
         first = stopped_at_first_barrier(node)  # a flush waiting for its barrier's sync
         node.write(2 * MIB, b"\xa5" * 65536)  # then a guest write, and a guest flush
         flush = node.write_back_steps()
@@ -162,15 +146,12 @@ def test_a_write_back_returns_only_once_what_was_pending_at_its_start_is_written
         for _ in other:
             node.sync_file()
         assert list(first) == []
-    finally:
-        node.close()
     assert qemu_img("check", image).returncode == 0
 
 
 def test_a_write_back_that_fails_leaves_what_it_took_pending(tmp_path: Path) -> None:
-    image, node = fresh_node(tmp_path)
-    file = node.driver.file
-    try:
+    with node_on(tmp_path) as (image, node):
+        file = node.driver.file
         steps = stopped_at_first_barrier(node)
         steps.close()  # its caller gave up at the barrier, with nothing synced since
         real_flush = file.flush
@@ -180,18 +161,12 @@ def test_a_write_back_that_fails_leaves_what_it_took_pending(tmp_path: Path) -> 
             raise OSError(5, "Input/output error")
 
         file.flush = failing_flush  # the sync the next write-back's first step runs fails (EIO)
-        try:
+        with pytest.raises(OSError):  # the write-back reports its failed sync
             node.write_back()
-        except OSError:
-            pass
-        else:
-            raise AssertionError("the write-back's failed sync was not reported")
         assert not reads_back(image, 0x5a)
         node.write_back()  # a later flush writes what the failed one had taken
         node.sync_file()
         assert reads_back(image, 0x5a)
-    finally:
-        node.close()
     assert qemu_img("check", image).returncode == 0
 
 
@@ -201,18 +176,17 @@ def test_once_a_sync_failed_every_later_flush_of_the_file_fails(tmp_path: Path,
     pages: a later fdatasync that succeeds proves nothing, so every later
     flush of the file fails (the disk's EIO is simulated: fdatasync fails
     once, as the kernel reports it)."""
-    image, node = fresh_node(tmp_path)
-    file = node.driver.file
-    fdatasync_failing_once(monkeypatch).append(file.fd)
-    try:
-        node.write(MIB, b"\x5a" * 65536)
-        with pytest.raises(OSError) as first:
-            node.flush()
-        assert first.value.errno == errno.EIO and file.sync_failed
-        with pytest.raises(OSError) as later:  # the kernel's fdatasync would succeed now
-            node.flush()
-        assert later.value.errno == errno.EIO and "earlier sync" in str(later.value)
-    finally:
-        monkeypatch.undo()
-        file.sync_failed = False  # let the test close the image
-        node.close()
+    with node_on(tmp_path) as (image, node):
+        file = node.driver.file
+        fdatasync_failing_once(monkeypatch).append(file.fd)
+        try:
+            node.write(MIB, b"\x5a" * 65536)
+            with pytest.raises(OSError) as first:
+                node.flush()
+            assert first.value.errno == errno.EIO and file.sync_failed
+            with pytest.raises(OSError) as later:  # the kernel's fdatasync would succeed now
+                node.flush()
+            assert later.value.errno == errno.EIO and "earlier sync" in str(later.value)
+        finally:
+            monkeypatch.undo()
+            file.sync_failed = False  # let the image close
