@@ -23,7 +23,8 @@ import click
 
 
 from imgchain.errors import ImgchainError
-from imgchain.fuse.options import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, MountOptions
+from imgchain.fuse.options import (DEFAULT_CACHE_SIZE, DEFAULT_PREALLOC_SIZE, MIN_CACHE_SIZE, PREALLOC_ALIGN,
+                                   MountOptions)
 from imgchain.fuse.recovery import connection_dead, is_dead_mount, is_imgchain_mount, recover
 from imgchain.qmp_client import QmpClient, QmpClientError
 from imgchain.runtime import (MountRecord, create_log, current_records, find_by_mountpoint,
@@ -45,7 +46,8 @@ def _daemon_argv(opts: MountOptions) -> list[str]:
     # clone's imgchain/ folder (which holds neither formats/ nor fuse/) cannot
     # shadow the installed package.
     argv = [sys.executable, "-P", "-m", "imgchain.fuse.daemon", opts.image, opts.mountpoint,
-            "--device-name", opts.device, "--cache-size", str(opts.cache_size)]
+            "--device-name", opts.device, "--cache-size", str(opts.cache_size),
+            "--prealloc-size", str(opts.prealloc_size)]
     for flag, on in (("--read-only", opts.read_only), ("--allow-other", opts.allow_other),
                      ("--trust-backing", opts.trust_backing)):
         if on:
@@ -193,16 +195,21 @@ def _stop(record: MountRecord, mountpoint: str) -> None:
 @click.option("--cache-size", "cache_size", metavar="SIZE", default=f"{DEFAULT_CACHE_SIZE >> 20}M", show_default=True,
               help="Bytes of metadata caches (qcow2 tables and cluster maps) the daemon keeps, "
                    "as QEMU's cache-size; at least 1M.")
+@click.option("--prealloc-size", "prealloc_size", metavar="SIZE", default=f"{DEFAULT_PREALLOC_SIZE >> 20}M",
+              show_default=True,
+              help="Bytes allocated ahead of a qcow2 file's end while it grows, as QEMU's preallocate "
+                   "filter; cut back at unmount. 0: none.")
 @trust_backing_option
 @click.argument("image")
 @click.argument("mountpoint")
 @user_errors()
 def mount(read_only: bool, foreground: bool, allow_other: bool, qmp: str | None,
-          device_name: str, cache_size: str, trust_backing: bool, image: str, mountpoint: str) -> None:
+          device_name: str, cache_size: str, prealloc_size: str, trust_backing: bool, image: str,
+          mountpoint: str) -> None:
     """Expose IMAGE's chain as the regular file MOUNTPOINT (created if absent)."""
     _clear_dead_mount(mountpoint)
     opts = MountOptions(image, mountpoint, read_only, allow_other, qmp, device_name, trust_backing,
-                        _cache_size(cache_size))
+                        _cache_size(cache_size), _prealloc_size(prealloc_size))
     if foreground:
         from imgchain.fuse.daemon import run_mount  # loads pyfuse3
         run_mount(opts, lambda socket: click.echo(f"{mountpoint}: mounted {image} (pid {os.getpid()}, "
@@ -217,6 +224,14 @@ def _cache_size(text: str) -> int:
     if size < MIN_CACHE_SIZE:
         raise click.BadParameter(f"{text}: the cache size must be at least {MIN_CACHE_SIZE >> 20}M",
                                  param_hint="'--cache-size'")
+    return size
+
+
+def _prealloc_size(text: str) -> int:
+    size = parse_size(text)
+    if size % PREALLOC_ALIGN:
+        raise click.BadParameter(f"{text}: the preallocation size must be a multiple of "
+                                 f"{PREALLOC_ALIGN >> 20}M", param_hint="'--prealloc-size'")
     return size
 
 
@@ -261,7 +276,7 @@ def _mount_doc(record: MountRecord) -> dict[str, object]:
         "mountpoint": record.mountpoint, "image": record.image, "pid": record.pid,
         "state": state, "socket": record.socket, "device": record.device,
         "read-only": record.read_only, "max-background": record.max_background,
-        "cache-size": record.cache_size,
+        "cache-size": record.cache_size, "prealloc-size": record.prealloc_size,
         "nodes": record.nodes, "jobs": jobs}
     if jobs_error is not None:
         doc["jobs-error"] = jobs_error

@@ -31,7 +31,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from imgchain import metacache
+from imgchain import metacache, preallocate
 from imgchain.daemon import Daemon
 from imgchain.errors import USER_ERRORS, ImgchainError
 from imgchain.runtime import MountRecord, mounted_fstype, remove_record, runtime_dir, write_record
@@ -111,7 +111,7 @@ async def _announce(opts: MountOptions, daemon: Daemon, socket: str, created: bo
     record = MountRecord.for_this_process(
         mountpoint=os.path.abspath(opts.mountpoint), image="", socket=socket, device=opts.device,
         read_only=opts.read_only, created_mountpoint=created, max_background=max_background,
-        cache_size=metacache.cache_size())
+        cache_size=metacache.cache_size(), prealloc_size=preallocate.prealloc_size())
 
     def write_current() -> None:
         """The record shows the chain as it is now (after a pivot, a snapshot, a stream)."""
@@ -156,6 +156,7 @@ def run_mount(opts: MountOptions, ready: Callable[[str], None]) -> None:
     created = prepare_mountpoint(opts.mountpoint)
     socket = opts.qmp or os.path.join(runtime_dir(), f"mount-{os.getpid()}.qmp")
     metacache.set_cache_size(opts.cache_size)  # before any image is opened
+    preallocate.set_prealloc_size(opts.prealloc_size)
     try:
         daemon = Daemon(opts.image, opts.read_only, opts.device, opts.trust_backing)
     except BaseException:
@@ -226,10 +227,11 @@ def _parse(argv: list[str]) -> tuple[MountOptions, int | None]:
     p.add_argument("--device-name", default="drive0")
     p.add_argument("--trust-backing", action="store_true")
     p.add_argument("--cache-size", type=int, default=metacache.DEFAULT_CACHE_SIZE)
+    p.add_argument("--prealloc-size", type=int, default=preallocate.DEFAULT_PREALLOC_SIZE)
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
     opts = MountOptions(a.image, a.mountpoint, a.read_only, a.allow_other, a.qmp, a.device_name, a.trust_backing,
-                        a.cache_size)
+                        a.cache_size, a.prealloc_size)
     return opts, a.ready_fd
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imgchain.metacache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
+from imgchain.preallocate import DEFAULT_PREALLOC_SIZE, PREALLOC_ALIGN
 
-__all__ = ["DEFAULT_CACHE_SIZE", "MIN_CACHE_SIZE", "MountOptions"]
+__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_PREALLOC_SIZE", "MIN_CACHE_SIZE", "MountOptions", "PREALLOC_ALIGN"]
 
 
 @dataclass
@@ -22,3 +23,4 @@ class MountOptions:
     device: str = "drive0"
     trust_backing: bool = False
     cache_size: int = DEFAULT_CACHE_SIZE  # bytes of metadata caches (QEMU's cache-size)
+    prealloc_size: int = DEFAULT_PREALLOC_SIZE  # bytes prepared past a growing file's end (QEMU's prealloc-size)

@@ -12,6 +12,7 @@ somebody else's sync already provides need not be paid again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -19,6 +20,7 @@ import threading
 from typing import Callable
 
 from .locks import Perms, apply_locks
+from .preallocate import Preallocation
 
 IOV_MAX = 1024  # buffers one pwritev call takes (Linux's UIO_MAXIOV)
 _ZEROS = memoryview(bytes(1 << 20))
@@ -45,7 +47,11 @@ def zero_fill(view: memoryview) -> None:
 
 
 class BlockFile:
-    """One opened image file, holding QEMU's lock bytes for `lock` (held, shared)."""
+    """One opened image file, holding QEMU's lock bytes for `lock` (held, shared).
+
+    A file opened for writing knows where its data ends (`data_end`: its size
+    at open, or the end of the furthest write since), for a `Preallocation`
+    of its tail (imgchain.preallocate) to be cut back to at close."""
 
     def __init__(self, path: str, writable: bool, lock: Perms | None = None) -> None:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
@@ -56,6 +62,10 @@ class BlockFile:
         self._syncs_started, self._durable = 0, -1
         self._sync_count = threading.Lock()
         self.sync_failed = False  # Invariant: set once an fdatasync failed (see flush)
+        # Invariant: no write through this file ended past data_end (infinite when read-only).
+        self.data_end: float | int = os.fstat(self.fd).st_size if writable else float("inf")
+        self._extending = threading.Lock()  # writes past data_end, from any thread
+        self.preallocation: Preallocation | None = None
         if lock is not None:
             try:
                 apply_locks(self.fd, path, lock)
@@ -83,8 +93,22 @@ class BlockFile:
             view = view[done:]
             offset += done
 
+    def preallocate(self, size: int) -> None:
+        """Keep `size` bytes prepared past the end of the data (see
+        imgchain.preallocate), until the file closes."""
+        self.preallocation = Preallocation(self, size)
+
+    def _extended(self, end: int) -> None:
+        """A write is about to end at `end`, past data_end."""
+        with self._extending:
+            self.data_end = max(self.data_end, end)
+            if self.preallocation is not None:
+                self.preallocation.wrote(end)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of `data` (a short write is continued)."""
+        if offset + len(data) > self.data_end:
+            self._extended(offset + len(data))
         done = os.pwrite(self.fd, data, offset)
         if done == len(data):
             return
@@ -97,6 +121,8 @@ class BlockFile:
 
     def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
         """Write several buffers back to back without joining them first."""
+        if (end := offset + sum(len(p) for p in parts)) > self.data_end:
+            self._extended(end)
         for i in range(0, len(parts), IOV_MAX):
             chunk = parts[i:i + IOV_MAX]
             total = sum(len(p) for p in chunk)
@@ -114,6 +140,7 @@ class BlockFile:
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
+        self.data_end = size
 
     def flush(self) -> None:
         """fdatasync. Once one has failed, every later flush of this file
@@ -154,6 +181,12 @@ class BlockFile:
             return self._durable >= mark
 
     def close(self) -> None:
+        """Close the descriptor (and its locks); a preallocated tail is cut
+        back first."""
+        if self.fd >= 0 and self.preallocation is not None:
+            # a tail left (the cut failed) is zeros that no refcount covers, as after a kill
+            with contextlib.suppress(OSError):
+                self.preallocation.finish()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

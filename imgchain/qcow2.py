@@ -57,6 +57,7 @@ from imgchain.formats.qcow2_tables import (
 )
 
 from .blockfile import BlockFile, zero_fill
+from .preallocate import prealloc_size
 from .errors import ImageIOError
 from .extent import Extent, Status
 from .metacache import MetadataCache
@@ -198,6 +199,8 @@ class Qcow2Driver:
             self.meta = MetadataMap.of_image(filename, self.header, self.l1, reftable, file.size())
             self._clear_autoclear()
             self.refcounts = RefcountManager(file, self.header, self.barrier, reftable, self.meta)
+            if prealloc_size():
+                file.preallocate(prealloc_size())  # the file grows at its end as clusters are added
 
     # -- properties -------------------------------------------------------
 

@@ -152,6 +152,7 @@ class MountRecord:
     created_mountpoint: bool = False
     max_background: int | None = None
     cache_size: int | None = None  # the bound of the daemon's metadata caches, bytes (None: older records)
+    prealloc_size: int | None = None  # bytes prepared past a growing qcow2 file's end (None: older records)
 
     @classmethod
     def for_this_process(cls, **values: Any) -> MountRecord:
