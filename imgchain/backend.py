@@ -46,7 +46,7 @@ from .extent import Status
 from .graph import GraphLock
 from .metacache import map_budget
 from .node import Node, wait_for_allocations, write_back_off_loop
-from .qcow2 import L2Meta
+from .qcow2 import L2Meta, old_bytes_now
 
 
 # The cluster maps are kept by groups of FILL_CLUSTERS guest clusters, the
@@ -235,15 +235,42 @@ class BlockBackend:
         return bytes(length) if entry == ZERO else None
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
-        """A write inside one cluster that the root holds in place, done now;
-        False when it must go through `write` (also while a sync runs)."""
+        """A write inside one cluster that the root holds in place, or a
+        copy-on-write whose old bytes are in memory, done now; False when it
+        must go through `write` (also while a sync runs)."""
         at = None if self.syncs_running else self._in_place_at(offset, len(data))
         if at is None:
-            return False
+            return not self.syncs_running and self._copy_on_write_now(offset, data)
         if os.pwrite(self._root_fd, data, at) != len(data):  # short: write it all again
             self.root.driver.file.pwrite(at, data)
         if self.write_notifiers:
             self._notify_write(offset, len(data))
+        return True
+
+    def _copy_on_write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """A small write into a cluster the root does not hold, whose old
+        bytes the map knows and the page cache has: the new cluster built,
+        written and entered with no await (Qcow2Driver.copy_on_write_now).
+        False when it must go through `write`."""
+        index = offset >> self._map_bits
+        group = self._groups.get(index >> GROUP_BITS)
+        if (group is None or self.quiesce_counter or self.debug.rules or not data
+                or (offset + len(data) - 1) >> self._map_bits != index or offset + len(data) > self.size):
+            return False
+        entry = group[index & GROUP_MASK]
+        driver = self.root.driver
+        if not entry or entry == UNMAPPABLE or not driver.cluster_size:
+            return False
+        if len(self._cluster) != driver.cluster_size:
+            self._cluster = bytearray(driver.cluster_size)
+        if not old_bytes_now(self._cluster, ((entry & FD_MASK) - 1, entry >> FD_BITS << 9) if entry > 0 else None):
+            return False
+        if driver.copy_on_write_now(offset, data, self._cluster) is None:
+            return False
+        self._unmap(index << self._map_bits, 1)
+        if self.write_notifiers:
+            self._notify_write(offset, len(data))
+        self._note_in_place(offset, len(data))
         return True
 
     def _in_place_at(self, offset: int, length: int) -> int | None:

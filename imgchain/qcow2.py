@@ -103,25 +103,13 @@ class L2Meta:
     done: object = None
 
     def copy_now(self, file: BlockFile, cluster: bytearray) -> bool:
-        """The data half at once, if the old bytes are in memory (the page
-        cache: a read that would wait for the disk is refused, RWF_NOWAIT):
-        built in `cluster` (a buffer of the cluster's size, used again) and
-        written in one write. False, with nothing written, when they are
-        not: then `copy`, in a worker thread, so that the loop never waits
-        for the disk."""
-        if self.source is None:
-            zero_fill(memoryview(cluster))
-        else:
-            fd, at = self.source
-            try:
-                if os.preadv(fd, [cluster], at, os.RWF_NOWAIT) != len(cluster):
-                    return False  # partly cached, or the file ends: the worker's slow way
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without NOWAIT
-                    raise
-                return False
+        """The data half at once, if the old bytes are in memory
+        (`old_bytes_now`): built in `cluster` (a buffer of the cluster's
+        size, used again) and written in one write. False, with nothing
+        written, when they are not: then `copy`, in a worker thread, so that
+        the loop never waits for the disk."""
+        if not old_bytes_now(cluster, self.source):
+            return False
         cluster[self.start:self.start + len(self.data)] = self.data
         file.pwrite(self.host, cluster)
         return True
@@ -138,6 +126,26 @@ class L2Meta:
                 view, at = view[done:], at + done
         cluster[self.start:self.start + len(self.data)] = self.data
         file.pwrite(self.host, cluster)
+
+
+def old_bytes_now(cluster: bytearray, source: tuple[int, int] | None) -> bool:
+    """Fill `cluster` with a cluster's old bytes if they are in memory: zeros
+    for no source, else one read from (fd, host offset) that the page cache
+    answers or that fails (RWF_NOWAIT: never a wait for the disk). False,
+    the buffer's content undefined, when they are not (partly cached, the
+    file ends there, a file system without NOWAIT)."""
+    if source is None:
+        zero_fill(memoryview(cluster))
+        return True
+    fd, at = source
+    try:
+        return os.preadv(fd, [cluster], at, os.RWF_NOWAIT) == len(cluster)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without NOWAIT
+            raise
+        return False
 
 
 def read_header(file: BlockFile, filename: str) -> Qcow2Header:
@@ -516,6 +524,39 @@ class Qcow2Driver:
         meta = L2Meta(index, host, offset - index * cs, data, source)
         self.cluster_allocs[index] = meta
         return meta
+
+    def copy_on_write_now(self, offset: int, data: bytes | bytearray | memoryview, cluster: bytearray) -> int | None:
+        """A partial write into one cluster that this image does not hold
+        (unallocated, in a table that exists), whose old bytes the caller
+        has put in `cluster` (a buffer of the cluster's size): its host
+        cluster allocated, written and entered at once, with no allocation
+        in flight, so no waiter; returns the new host offset. None, with
+        nothing changed, when the write needs more (a table to allocate, a
+        zero cluster, an allocation in flight there): `begin_allocation`."""
+        bits = self.geo.cluster_bits
+        index = offset >> bits
+        l1_index = self.geo.l1_index(offset)
+        if (self.refcounts is None or self.corruption is not None or not 0 < len(data) < len(cluster)
+                or (offset + len(data) - 1) >> bits != index or index in self.cluster_allocs
+                or not 0 <= l1_index < len(self.l1) or not self.l1[l1_index] & QCOW_OFLAG_COPIED):
+            return None
+        l2_offset, table = self.l2_table(l1_index)
+        i = self.geo.l2_index(offset)
+        if table is None or classify_l2(table[i]) is not ClusterType.UNALLOCATED:
+            return None
+        try:
+            host = self.refcounts.allocate(1)
+        except MetadataOverlap as exc:
+            raise self._mark_corrupt(exc) from None
+        start = offset - (index << bits)
+        cluster[start:start + len(data)] = data
+        try:
+            self.file.pwrite(host, cluster)
+        except BaseException:
+            self.refcounts.give_back(host)
+            raise
+        self._update_l2(l2_offset, table, {i: l2_normal(host)})
+        return host
 
     def end_allocation(self, meta: L2Meta) -> None:
         """The second half, once the data is written: enter the L2 entry

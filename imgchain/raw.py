@@ -77,6 +77,10 @@ class RawDriver:
         """Nothing to allocate: every write lands in place (`write`)."""
         return None
 
+    def copy_on_write_now(self, offset: int, data: object, cluster: object) -> None:
+        """Nothing to copy: every write lands in place (`write`)."""
+        return None
+
     def in_place_host(self, offset: int) -> int | None:
         """Where a write at guest `offset` lands: the same offset, if writable."""
         return offset if self.file.writable else None

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from imgchain.backend import BlockBackend
+from imgchain.backend import UNMAPPABLE, BlockBackend
 from imgchain.blkdebug import BlkDebug, Rule
 from imgchain.chain import close_chain, open_backing_chain, open_chain
 from imgchain.create import create_image
@@ -131,6 +131,46 @@ async def test_reads_through_the_map_equal_the_slow_path(mixed_chain: Path) -> N
                 assert now == expect, (off, n)
         assert fast > 0.8 * single  # zero and compressed clusters are never mapped
         assert backend.read_now(backend.size - 10, 20) is None  # past the end: the slow path clamps
+
+
+async def test_copies_on_write_whose_old_bytes_are_cached_are_done_at_once(mixed_chain: Path) -> None:
+    """A small write into a cluster top does not hold, whose old bytes the map knows, is
+    allocated, written and entered without the coroutine path; the result is what qemu-io
+    makes of the same writes. Zero clusters of top, compressed sources and a cluster with
+    an allocation in flight go the slow way."""
+    twin = mixed_chain.with_name("twin.qcow2")
+    twin.write_bytes(mixed_chain.read_bytes())
+    rng, writes, at_once = random.Random(3), [], 0
+    with backend_on(mixed_chain) as backend:
+        driver = backend.root.driver
+        model = bytearray(backend.root.read(0, backend.size))
+        for group in range(0, backend.size, 256 * KIB):
+            await backend.read(group, 1)  # maps every cluster
+        busy = 900 * KIB  # unallocated in top, data below: an allocation in flight there
+        meta = driver.begin_allocation(busy + 10, b"x", (backend._root_fd, 0))
+        assert not backend.write_now(busy + 100, b"y")
+        driver.abort_allocation(meta)
+        for _ in range(300):
+            off = rng.randrange(backend.size - 1)
+            n = rng.randrange(1, min(4096 - off % 4096, backend.size - off) + 1)
+            data = bytes([rng.randrange(1, 256)]) * n
+            entry, fresh = driver.l2_entry(off), backend._lookup(off >> 12)
+            done = backend.write_now(off, data)
+            if not done:
+                await backend.write(off, data)
+            if entry == 0 and fresh > 0 and n < 4096:  # unallocated in top, old bytes in one file
+                assert done, (off, n)
+                at_once += 1
+            zero_in_top = entry & 1 and not entry & ~0x1FF  # a zero cluster with no host cluster
+            if zero_in_top or (entry == 0 and fresh == UNMAPPABLE):  # or compressed below
+                assert not done, (off, n)
+            model[off:off + n] = data
+            writes.append(f"write -P {data[0]} {off} {n}")
+        assert at_once > 100
+        assert await backend.read(0, backend.size) == model
+    assert_qemu_clean(mixed_chain)
+    assert qemu_io(twin, *writes, fmt="qcow2").returncode == 0
+    assert qemu_img("compare", twin, mixed_chain).returncode == 0
 
 
 async def test_a_miss_maps_the_clusters_around_it(chain3: Path) -> None:
