@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import os
 import threading
-from typing import Callable
 
+from .libc import libc_function
 from .locks import Perms, apply_locks
 from .preallocate import Preallocation
 
@@ -27,16 +26,6 @@ _ZEROS = memoryview(bytes(1 << 20))
 
 
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int]:
-    """libc's sync_file_range (the os module has none), loaded when first used."""
-    import ctypes
-    call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call  # type: ignore[no-any-return]
 
 
 def zero_fill(view: memoryview) -> None:
@@ -167,7 +156,7 @@ class BlockFile:
         (sync_file_range with SYNC_FILE_RANGE_WRITE: no journal commit, no
         barrier): a later flush finds less to write. Advice only: errors
         are left to that flush."""
-        _sync_file_range()(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        libc_function("sync_file_range")(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
     def sync_mark(self) -> int:
         """A moment: syncs that start from now on have this number or more."""

@@ -26,11 +26,12 @@ tools leave it off.
 
 from __future__ import annotations
 
-import functools
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from .libc import call_checked
 
 if TYPE_CHECKING:
     from .blockfile import BlockFile
@@ -54,24 +55,11 @@ def prealloc_size() -> int:
     return _prealloc_size
 
 
-@functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int]:
-    """libc's fallocate (the os module has only posix_fallocate, whose
-    fallback writes zeros over whatever is there), loaded when first used."""
-    import ctypes
-    call = ctypes.CDLL(None, use_errno=True).fallocate
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    call.restype = ctypes.c_int
-    return call  # type: ignore[no-any-return]
-
-
 def allocate(fd: int, start: int, length: int) -> None:
-    """fallocate(2) of a range, mode 0; OSError when it fails (EOPNOTSUPP on
-    a file system without it, ENOSPC)."""
-    if _fallocate()(fd, FALLOC_FL_DEFAULT, start, length):
-        import ctypes
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    """fallocate(2) of a range, mode 0 (the os module has only
+    posix_fallocate, whose fallback writes zeros over whatever is there);
+    OSError when it fails (EOPNOTSUPP on a file system without it, ENOSPC)."""
+    call_checked("fallocate", fd, FALLOC_FL_DEFAULT, start, length)
 
 
 class Preallocation:
