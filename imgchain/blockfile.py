@@ -110,11 +110,11 @@ class BlockFile:
 
     def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
         """Write several buffers back to back without joining them first."""
-        if (end := offset + sum(len(p) for p in parts)) > self.data_end:
-            self._extended(end)
         for i in range(0, len(parts), IOV_MAX):
             chunk = parts[i:i + IOV_MAX]
             total = sum(len(p) for p in chunk)
+            if offset + total > self.data_end:
+                self._extended(offset + total)
             done = os.pwritev(self.fd, chunk, offset)
             if done < total:  # a short write: finish the rest the simple way
                 self.pwrite(offset + done, b"".join(bytes(p) for p in chunk)[done:])
